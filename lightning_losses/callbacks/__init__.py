@@ -1,0 +1,5 @@
+"""Callbacks that measure what the papers claim: feature geometry, calibration, FID."""
+
+from lightning_losses.callbacks.feature_geometry import FeatureGeometryCallback, cosine_geometry
+
+__all__ = ["FeatureGeometryCallback", "cosine_geometry"]

@@ -1,0 +1,156 @@
+"""Common base of the classification data modules, and small data-set helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_losses.datamodules.sampling import EpochSeededRandomSampler
+
+__all__ = ["ClassificationDataModule", "TransformedSubset", "stratified_split"]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def stratified_split(
+    targets: Sequence[int] | np.ndarray | torch.Tensor,
+    holdout: int,
+    seed: int,
+    name: str = "holdout",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(len(targets))`` into (kept, held-out) index arrays, stratified by label.
+
+    The same ``(targets, holdout, seed)`` always gives the same split. Both arrays are sorted.
+
+    Args:
+        targets: integer class label of every item.
+        holdout: number of items in the held-out part (``0 <= holdout < len(targets)``); it must
+            be at least the number of classes present so every class can be represented.
+        seed: random state of the split.
+        name: how the caller calls ``holdout``, for error messages.
+    """
+    labels = np.asarray(targets)
+    n = len(labels)
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 <= holdout < n:
+        raise ValueError(f"{name} must be an int in [0, {n}), got {holdout!r}")
+    indices = np.arange(n)
+    if holdout == 0:
+        return indices, indices[:0]
+    num_present = len(np.unique(labels))
+    if holdout < num_present or n - holdout < num_present:
+        raise ValueError(
+            f"a stratified split of {n} items over {num_present} classes needs between "
+            f"{num_present} and {n - num_present} held-out items: {name} must be in that "
+            f"range, got {holdout}"
+        )
+    kept, held = train_test_split(indices, test_size=holdout, stratify=labels, random_state=seed)
+    return np.sort(kept), np.sort(held)
+
+
+class TransformedSubset(Dataset):
+    """``dataset[indices[i]]`` with ``transform`` applied to the input (the label is unchanged).
+
+    Lets one data set loaded once (with no transform) feed a training split with augmentation and
+    a validation split with the evaluation transform.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        indices: Sequence[int] | np.ndarray,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        x, y = self.dataset[self.indices[index]]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, y
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base of the image-classification data modules.
+
+    Subclasses implement :attr:`num_classes`, :attr:`image_shape` (both usable before
+    :meth:`setup`, e.g. by ``LightningCLI.link_arguments``) and :meth:`setup`, which fills
+    ``train_dataset``, ``val_dataset`` and ``test_dataset``. Items are
+    ``(float32 image (C, H, W), int64 label)``.
+
+    The training loader shuffles with :class:`EpochSeededRandomSampler` seeded with ``seed``; the
+    validation and test loaders keep the data-set order.
+
+    Args:
+        batch_size: items per batch.
+        num_workers: loader worker processes (workers persist across epochs when > 0).
+        seed: seed of the splits and of the training order.
+    """
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (available before :meth:`setup`)."""
+        raise NotImplementedError
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape ``(C, H, W)`` of one image (available before :meth:`setup`)."""
+        raise NotImplementedError
+
+    def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{split}_dataset is not set: call setup() first "
+                f"(setup('fit') for train/val, setup('test') for test)"
+            )
+        # No ``shuffle=`` argument on purpose: Lightning reads a saved ``shuffle`` keyword before
+        # the sampler's type when it decides whether a DDP replacement sampler shuffles.
+        kwargs: dict[str, Any] = {}
+        if shuffle:
+            kwargs["sampler"] = EpochSeededRandomSampler(dataset, seed=self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training loader (order fixed by ``seed`` and the epoch)."""
+        return self._loader(self.train_dataset, "train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation loader, in data-set order."""
+        return self._loader(self.val_dataset, "val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test loader, in data-set order."""
+        return self._loader(self.test_dataset, "test", shuffle=False)

@@ -1,0 +1,208 @@
+"""Orthogonal Projection Loss (Ranasinghe et al., ICCV 2021).
+
+With row-normalised features :math:`f_i = F_i / \\lVert F_i \\rVert` and labels :math:`y_i`,
+
+.. math::
+
+    s = \\frac{\\sum_{i \\ne j,\\, y_i = y_j} f_i \\cdot f_j}{N_{pos} + \\epsilon}, \\qquad
+    d = \\frac{\\sum_{y_i \\ne y_j} f_i \\cdot f_j}{N_{neg} + \\epsilon}, \\qquad
+    \\mathrm{OPL} = (1 - s) + \\gamma\\, d,
+
+pairs counted in both orders and :math:`\\epsilon = 10^{-6}` as in the authors' code.
+``abs_mode`` picks the variant of :math:`d`: ``"none"`` (the reference ``loss.py``), ``"mean"``
+(:math:`|d|`, the paper's equation) or ``"pair"`` (mean of :math:`|f_i \\cdot f_j|` over negative
+pairs, the authors' CIFAR / ImageNet / label-noise code).
+
+``"none"`` and ``"mean"`` never build the B x B Gram matrix: with class sums
+:math:`S_c = \\sum_{y_i = c} f_i` and :math:`S = \\sum_c S_c`,
+
+.. math::
+
+    \\sum_{pos} = \\sum_c \\big(\\lVert S_c \\rVert^2 - \\sum_{y_i = c} \\lVert f_i \\rVert^2\\big),
+    \\qquad \\sum_{neg} = \\lVert S \\rVert^2 - \\sum_c \\lVert S_c \\rVert^2,
+
+which is O(B D) time and memory.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+AbsMode = Literal["none", "mean", "pair"]
+ABS_MODES: tuple[str, ...] = ("none", "mean", "pair")
+
+
+class OPLOutput(NamedTuple):
+    """The loss and its two parts: ``pos_mean`` is the paper's s, ``neg_mean`` its d."""
+
+    loss: Tensor
+    pos_mean: Tensor
+    neg_mean: Tensor
+
+
+def _check_inputs(features: Tensor, labels: Tensor) -> None:
+    if not isinstance(features, Tensor) or features.ndim != 2:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a 2-D tensor of shape (B, D), got {shape}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+    if not isinstance(labels, Tensor) or labels.ndim != 1:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a 1-D tensor of shape (B,), got {shape}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be an integer tensor of class indices, got dtype {labels.dtype}; "
+            "convert one-hot or soft labels with labels.argmax(dim=1)"
+        )
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"labels has {labels.shape[0]} entries but features has {features.shape[0]} rows; "
+            "they must match"
+        )
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or inf; check the backbone's output")
+
+
+def _check_options(gamma: float, abs_mode: str) -> None:
+    if abs_mode not in ABS_MODES:
+        raise ValueError(f"abs_mode must be one of {ABS_MODES}, got {abs_mode!r}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    # At least float32: the normalisation and the 1e-6 eps are not safe in bf16 / fp16.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def pair_sums(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sums and counts of pairwise dot products, from per-class sums in O(B D).
+
+    Returns ``(pos_sum, neg_sum, pos_count, neg_count)`` over ordered pairs: positives are
+    i != j with the same label, negatives pairs with different labels. ``features`` are used as
+    given (normalise them first for cosines). No input checks; see
+    :func:`orthogonal_projection_loss`.
+    """
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    num = classes.shape[0]
+    class_sums = features.new_zeros(num, features.shape[1]).index_add_(0, inverse, features)
+    sq_norms = (features * features).sum(dim=1)
+    class_sq = features.new_zeros(num).index_add_(0, inverse, sq_norms)
+    class_sum_sq = (class_sums * class_sums).sum(dim=1)
+    # Per class first, so a singleton class contributes exactly 0 (same reduction on both sides);
+    # the total is the sum of the class sums, so one class only gives exactly 0 negatives.
+    pos_sum = (class_sum_sq - class_sq).sum()
+    total = class_sums.sum(dim=0)
+    neg_sum = (total * total).sum() - class_sum_sq.sum()
+    batch = labels.shape[0]
+    same = (counts.to(features.dtype) ** 2).sum()
+    return pos_sum, neg_sum, same - batch, batch * batch - same
+
+
+def orthogonal_projection_loss(
+    features: Tensor,
+    labels: Tensor,
+    gamma: float = 0.5,
+    abs_mode: AbsMode = "none",
+    eps: float = 1e-6,
+) -> OPLOutput:
+    """Orthogonal Projection Loss of a batch; see the module docstring for the math.
+
+    Args:
+        features: (B, D) penultimate features, any float dtype. bf16 / fp16 inputs (and autocast)
+            are computed in float32; float32 / float64 inputs keep their dtype.
+        labels: (B,) integer class indices.
+        gamma: weight of the negative-pair term, >= 0 (0.5 in the authors' CIFAR recipe).
+        abs_mode: ``"none"``, ``"mean"`` or ``"pair"`` (see the module docstring).
+        eps: added to the pair counts, as in the authors' code.
+
+    Returns:
+        :class:`OPLOutput` ``(loss, pos_mean, neg_mean)``. Degenerate batches never give NaN:
+        no positive pair gives s = 0, no negative pair gives d = 0, B = 1 gives loss 1 with zero
+        gradient.
+    """
+    _check_options(gamma, abs_mode)
+    _check_inputs(features, labels)
+    dtype = _working_dtype(features.dtype)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        f = F.normalize(features.to(dtype), p=2, dim=1)
+        pos_sum, neg_sum, pos_count, neg_count = pair_sums(f, labels)
+        if abs_mode == "pair":
+            # |cos| does not factor through class sums: the Gram matrix is needed here.
+            different = labels[:, None] != labels[None, :]
+            neg_sum = (f @ f.T).abs().masked_fill(~different, 0.0).sum()
+        # With no pair the sum is 0 in exact arithmetic; `where` keeps the 1/eps from turning
+        # rounding in the class-sum form into a value or a gradient.
+        pos_mean = torch.where(pos_count > 0, pos_sum / (pos_count + eps), 0.0)
+        neg_mean = torch.where(neg_count > 0, neg_sum / (neg_count + eps), 0.0)
+        if abs_mode == "mean":
+            neg_mean = neg_mean.abs()
+        loss = (1.0 - pos_mean) + gamma * neg_mean
+    return OPLOutput(loss, pos_mean, neg_mean)
+
+
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0; backward sums every rank's gradient.
+
+    Ranks may hold different numbers of rows (padded for the collective, trimmed after).
+    Outside an initialised process group, or with one process, the tensor is returned as is.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = tensor
+    if tensor.shape[0] < max(counts):
+        pad = tensor.new_zeros((max(counts) - tensor.shape[0], *tensor.shape[1:]))
+        padded = torch.cat([tensor, pad])
+    return torch.cat([part[:n] for part, n in zip(all_gather(padded), counts)])
+
+
+class OrthogonalProjectionLoss(nn.Module):
+    """:func:`orthogonal_projection_loss` as a module.
+
+    Args:
+        gamma: weight of the negative-pair term.
+        abs_mode: ``"none"``, ``"mean"`` or ``"pair"``.
+        gather_distributed: all-gather features and labels from every rank first, with a gather
+            whose backward sums every rank's gradient. Each rank's loss then equals the
+            single-process loss on the global batch and, after DDP averages, parameter gradients
+            equal single-process training. The authors compute OPL per GPU (False).
+        eps: added to the pair counts.
+    """
+
+    def __init__(
+        self,
+        gamma: float = 0.5,
+        abs_mode: AbsMode = "none",
+        gather_distributed: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        _check_options(gamma, abs_mode)
+        self.gamma = gamma
+        self.abs_mode = abs_mode
+        self.gather_distributed = gather_distributed
+        self.eps = eps
+
+    def forward(self, features: Tensor, labels: Tensor) -> OPLOutput:
+        if self.gather_distributed:
+            _check_inputs(features, labels)  # before the gather, so every rank names its own input
+            features = all_gather_rows(features)
+            labels = all_gather_rows(labels)
+        return orthogonal_projection_loss(features, labels, self.gamma, self.abs_mode, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"gamma={self.gamma}, abs_mode={self.abs_mode!r}, "
+            f"gather_distributed={self.gather_distributed}"
+        )

@@ -1,0 +1,40 @@
+"""Networks: CIFAR ResNets and feature backbones.
+
+Every backbone maps (B, C, H, W) inputs to (B, feature_dim) pooled, post-ReLU penultimate features
+and exposes an int ``feature_dim`` attribute. This package imports torch only: torchvision is
+imported inside :class:`TorchvisionBackbone`, and never Lightning.
+"""
+
+from lightning_losses.nets.backbones import (
+    TORCHVISION_RESNETS,
+    MLPBackbone,
+    SmallCNN,
+    TorchvisionBackbone,
+    feature_dim_of,
+    load_state_dict_file,
+)
+from lightning_losses.nets.cifar_resnet import (
+    BasicBlock,
+    CifarResNet,
+    resnet20,
+    resnet32,
+    resnet44,
+    resnet56,
+    resnet110,
+)
+
+__all__ = [
+    "TORCHVISION_RESNETS",
+    "BasicBlock",
+    "CifarResNet",
+    "MLPBackbone",
+    "SmallCNN",
+    "TorchvisionBackbone",
+    "feature_dim_of",
+    "load_state_dict_file",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+]

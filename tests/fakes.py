@@ -1,0 +1,63 @@
+"""Tiny fakes shared by the tests: data modules and networks small enough for 2 CPU cores."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def clustered_features(
+    num_per_class: int, num_classes: int, dim: int, spread: float = 0.5, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Gaussian clusters around random class centres, float64."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
+    labels = torch.arange(num_classes).repeat_interleave(num_per_class)
+    noise = spread * torch.randn(labels.shape[0], dim, generator=g, dtype=torch.float64)
+    return centres[labels] + noise, labels
+
+
+class ToyImages(L.LightningDataModule):
+    """Random 1x8x8 'images' whose class shifts the mean: learnable, tiny, deterministic."""
+
+    def __init__(self, num: int = 64, num_classes: int = 4, batch_size: int = 16, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(num) % num_classes
+        self.images = torch.randn(num, 1, 8, 8, generator=g) + self.labels.view(-1, 1, 1, 1)
+        self.batch_size = batch_size
+        self._num_classes = num_classes
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1, 8, 8)
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader()
+
+
+class TinyMLP(nn.Module):
+    """A BatchNorm-free backbone: (B, 1, 8, 8) -> (B, feature_dim) post-ReLU features."""
+
+    def __init__(self, feature_dim: int = 8) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, feature_dim), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
