@@ -1,5 +1,14 @@
 """Losses as plain PyTorch: functions returning the scalar and the parts worth logging."""
 
+from lightning_losses.losses.calibration import (
+    CalibrationCrossEntropy,
+    CalibrationMSE,
+    CorrectnessAwareLoss,
+    calibration_cross_entropy,
+    calibration_mse,
+    correctness_aware_loss,
+    correctness_weights,
+)
 from lightning_losses.losses.opl import (
     OPLOutput,
     OrthogonalProjectionLoss,
@@ -14,4 +23,11 @@ __all__ = [
     "all_gather_rows",
     "orthogonal_projection_loss",
     "pair_sums",
+    "CalibrationCrossEntropy",
+    "CalibrationMSE",
+    "CorrectnessAwareLoss",
+    "calibration_cross_entropy",
+    "calibration_mse",
+    "correctness_aware_loss",
+    "correctness_weights",
 ]

@@ -13,6 +13,12 @@ from lightning_losses.nets.backbones import (
     feature_dim_of,
     load_state_dict_file,
 )
+from lightning_losses.nets.calibrators import (
+    CorrectnessAwareCalibrator,
+    TemperatureCalibrator,
+    TemperatureScaling,
+    fit_temperature,
+)
 from lightning_losses.nets.cifar_resnet import (
     BasicBlock,
     CifarResNet,
@@ -37,4 +43,8 @@ __all__ = [
     "resnet44",
     "resnet56",
     "resnet110",
+    "CorrectnessAwareCalibrator",
+    "TemperatureCalibrator",
+    "TemperatureScaling",
+    "fit_temperature",
 ]
