@@ -35,8 +35,9 @@ class OPLClassifier(L.LightningModule):
 
     Logged, with prefixes ``train/``, ``val/``, ``test/``: ``loss``, ``ce``, ``opl``, ``opl_s``,
     ``opl_d``, ``acc`` (top-1) and ``acc_top5`` (when there are more than 5 classes).
-    ``validation_step`` and ``test_step`` return the features and labels, for callbacks such as
-    :class:`lightning_losses.callbacks.FeatureGeometryCallback`.
+    ``validation_step`` and ``test_step`` return the features, logits and labels, for callbacks
+    such as :class:`~lightning_losses.callbacks.FeatureGeometryCallback` and
+    :class:`~lightning_losses.callbacks.CalibrationCallback`.
 
     Args:
         backbone: any nn.Module returning (B, D) features; D is read from its ``feature_dim``
@@ -144,7 +145,7 @@ class OPLClassifier(L.LightningModule):
         )
         metrics.update(logits.detach(), y)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
-        return {"loss": loss, "features": features.detach(), "labels": y}
+        return {"loss": loss, "features": features.detach(), "logits": logits.detach(), "labels": y}
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         return self._step(batch, "train", self.train_metrics)
