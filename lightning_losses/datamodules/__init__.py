@@ -8,6 +8,12 @@ from lightning_losses.datamodules.base import (
     TransformedSubset,
     stratified_split,
 )
+from lightning_losses.datamodules.calibration import (
+    CachedOutputs,
+    CalibrationDataModule,
+    collate_cached,
+    dataset_targets,
+)
 from lightning_losses.datamodules.cifar import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -21,6 +27,22 @@ from lightning_losses.datamodules.noise import (
     symmetric_label_noise,
 )
 from lightning_losses.datamodules.sampling import EpochSeededRandomSampler
+from lightning_losses.datamodules.shifts import (
+    CIFAR10C_CORRUPTIONS,
+    CORRUPTIONS,
+    CIFAR10CDataset,
+    CorruptedDataset,
+    ImageNetVariantFolder,
+    cifar10c_test_sets,
+    corrupted_test_sets,
+    restrict_logits,
+)
+from lightning_losses.datamodules.views import (
+    Denormalized,
+    MinMaxRescaled,
+    ViewsDataset,
+    default_view_transforms,
+)
 
 __all__ = [
     "CIFAR10DataModule",
@@ -35,4 +57,20 @@ __all__ = [
     "TransformedSubset",
     "stratified_split",
     "symmetric_label_noise",
+    "CIFAR10C_CORRUPTIONS",
+    "CORRUPTIONS",
+    "CIFAR10CDataset",
+    "CachedOutputs",
+    "CalibrationDataModule",
+    "CorruptedDataset",
+    "Denormalized",
+    "ImageNetVariantFolder",
+    "MinMaxRescaled",
+    "ViewsDataset",
+    "cifar10c_test_sets",
+    "collate_cached",
+    "corrupted_test_sets",
+    "dataset_targets",
+    "default_view_transforms",
+    "restrict_logits",
 ]

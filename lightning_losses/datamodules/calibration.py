@@ -1,0 +1,429 @@
+"""The data of a post-hoc calibration run: a calibration split, views and shifted test sets."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
+
+from lightning_losses.datamodules.base import (
+    ClassificationDataModule,
+    TransformedSubset,
+    stratified_split,
+)
+from lightning_losses.datamodules.sampling import EpochSeededRandomSampler
+from lightning_losses.datamodules.shifts import (
+    CORRUPTIONS,
+    SEVERITIES,
+    CorruptedDataset,
+)
+from lightning_losses.datamodules.views import ViewsDataset, default_view_transforms
+
+__all__ = ["CachedOutputs", "CalibrationDataModule", "collate_cached", "dataset_targets"]
+
+
+def dataset_targets(dataset: Dataset) -> np.ndarray:
+    """The int label of every item of ``dataset``, cheaply when possible.
+
+    Reads ``TensorDataset.tensors[1]``, a ``targets`` attribute, or the targets of the data set
+    under a ``Subset`` / :class:`TransformedSubset`; otherwise iterates over the data set once
+    (loading every item).
+    """
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return np.asarray(dataset.tensors[1].cpu(), dtype=np.int64).reshape(-1)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        if isinstance(targets, Tensor):
+            targets = targets.cpu()
+        return np.asarray(targets, dtype=np.int64).reshape(-1)
+    if isinstance(dataset, Subset | TransformedSubset):
+        parent = dataset_targets(dataset.dataset)
+        return parent[np.asarray(dataset.indices, dtype=np.int64)]
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def _normalisation_of(
+    datamodule: L.LightningDataModule, num_channels: int
+) -> tuple[Any, Any] | tuple[None, None]:
+    """``(mean, std)`` of the wrapped module's normalisation when it exposes them as ``mean`` /
+    ``std`` attributes (a float, or one float per channel), else ``(None, None)``."""
+
+    def usable(value: Any) -> bool:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return True
+        return (
+            isinstance(value, Sequence)
+            and len(value) in (1, num_channels)
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
+        )
+
+    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if usable(mean) and usable(std):
+        return mean, std
+    return None, None
+
+
+class CachedOutputs(Dataset):
+    """Per-item classifier outputs: ``{"logits": (C,), "view_logits": (V, C), "labels": ()}``.
+
+    Built by :meth:`CalibrationDataModule.cache_outputs`; batched by :func:`collate_cached`.
+    """
+
+    def __init__(self, logits: Tensor, labels: Tensor, view_logits: Tensor | None = None) -> None:
+        if view_logits is not None and view_logits.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"view_logits must be (N, V, C) with N = {logits.shape[0]}, got "
+                f"{tuple(view_logits.shape)}"
+            )
+        self.logits = logits
+        self.labels = labels
+        self.view_logits = view_logits
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        item = {"logits": self.logits[index], "labels": self.labels[index]}
+        if self.view_logits is not None:
+            item["view_logits"] = self.view_logits[index]
+        return item
+
+
+def collate_cached(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack cached items; ``view_logits`` comes out ``(V, B, C)`` like the classifier's."""
+    batch = default_collate(items)
+    if "view_logits" in batch:
+        batch["view_logits"] = batch["view_logits"].transpose(0, 1)
+    return batch
+
+
+class CalibrationDataModule(ClassificationDataModule):
+    """Wraps a classification data module for fitting and evaluating a post-hoc calibrator.
+
+    The classifier is frozen and already trained; the calibrator is fitted on a *calibration
+    split* of the wrapped module's **validation** set and evaluated on its test set and on shifted
+    copies of it, so calibration data never overlaps test data.
+
+    - ``train_dataloader()``: the calibration split, a random split of the validation set
+      stratified by class (``round(calibration_fraction * N_val)`` items, a pure function of
+      ``seed``), shuffled by :class:`EpochSeededRandomSampler`.
+    - ``val_dataloader()``: the rest of the validation set, in order, for monitoring. With
+      ``calibration_fraction == 1.0`` there is no rest and it serves the calibration split again.
+    - ``test_dataloader()``: a **list** of loaders: the in-distribution test set ("id"), then its
+      corrupted copies (:class:`CorruptedDataset`, for every shift and severity, named
+      ``"<shift>-<severity>"``), then every entry of ``ood_datasets`` under its key;
+      :attr:`test_set_names` holds the names in the same order (``dataloader_idx`` in
+      ``test_step`` indexes it) and :attr:`test_class_subsets` the ``class_subset`` of each set
+      (ImageNet-A / -R) or None.
+
+    Batches are ``(images (B, C, H, W), views (B, V, C, H, W), labels (B,))`` with
+    ``views=True`` (every set wrapped in :class:`ViewsDataset`: the views of a corrupted image are
+    views *of the corrupted image*), else ``(images, labels)``. The views of an item depend only on
+    ``(seed, position in its set, view)``: the same validation item gets the same views whatever
+    ``calibration_fraction``, and test item ``i`` gets the same random view parameters in every
+    shifted copy.
+
+    Default views: :func:`default_view_transforms` for the wrapped module's ``image_shape``; if
+    the module exposes its normalisation as ``mean`` / ``std`` attributes (CIFAR, digits with
+    ``normalize="standard"``) the views are applied to the exactly un-normalised image, otherwise
+    to the image min-max rescaled to [0, 1].
+
+    ``num_classes`` and ``image_shape`` come from the wrapped module (available before setup).
+
+    Args:
+        datamodule: a classification data module with ``num_classes``, ``image_shape`` and, after
+            ``setup``, ``val_dataset`` and ``test_dataset`` of ``(image tensor, label)``.
+        calibration_fraction: share of the validation set in the calibration split, in (0, 1].
+        views: add transformed views to every item.
+        view_transforms: one callable per view (None: the defaults above).
+        shifts: names in :data:`~lightning_losses.datamodules.shifts.CORRUPTIONS` to apply to the
+            test set (None or empty: none).
+        severities: severities (1..5) of every shift.
+        ood_datasets: extra test sets by name (e.g. CIFAR-10-C, ImageNet-R), each of
+            ``(image tensor, label)`` in the wrapped module's label space.
+        batch_size: items per batch.
+        num_workers: loader worker processes.
+        seed: seed of the calibration split, the training order, the views and the corruptions.
+    """
+
+    def __init__(
+        self,
+        datamodule: L.LightningDataModule,
+        calibration_fraction: float = 0.5,
+        views: bool = True,
+        view_transforms: Sequence[Callable[[Tensor], Tensor]] | None = None,
+        shifts: Sequence[str] | None = ("rotation", "gaussian_noise", "gaussian_blur", "contrast"),
+        severities: Sequence[int] = (1, 3, 5),
+        ood_datasets: dict[str, Dataset] | None = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        if not isinstance(datamodule, L.LightningDataModule):
+            raise ValueError(
+                f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}"
+            )
+        for attribute in ("num_classes", "image_shape"):
+            if not hasattr(type(datamodule), attribute) and not hasattr(datamodule, attribute):
+                raise ValueError(f"datamodule must expose {attribute}")
+        if (
+            isinstance(calibration_fraction, bool)
+            or not isinstance(calibration_fraction, numbers.Real)
+            or not 0.0 < calibration_fraction <= 1.0
+        ):
+            raise ValueError(
+                f"calibration_fraction must be a float in (0, 1], got {calibration_fraction!r}"
+            )
+        if not isinstance(views, bool):
+            raise ValueError(f"views must be a bool, got {views!r}")
+        if view_transforms is not None:
+            view_transforms = list(view_transforms)
+            if not view_transforms or not all(callable(t) for t in view_transforms):
+                raise ValueError(
+                    "view_transforms must be None or a non-empty sequence of callables, got "
+                    f"{view_transforms!r}"
+                )
+        if isinstance(shifts, str):
+            raise ValueError(f"shifts must be a sequence of names, got the string {shifts!r}")
+        shifts = [] if shifts is None else list(shifts)
+        for name in shifts:
+            if name not in CORRUPTIONS:
+                raise ValueError(f"shifts must be names in {sorted(CORRUPTIONS)}, got {name!r}")
+        severities = list(severities)
+        for severity in severities:
+            if isinstance(severity, bool) or severity not in SEVERITIES:
+                raise ValueError(f"severities must be in {SEVERITIES}, got {severity!r}")
+        if shifts and not severities:
+            raise ValueError("severities must not be empty when shifts are given")
+        if len(set(shifts)) != len(shifts) or len(set(severities)) != len(severities):
+            raise ValueError(f"shifts and severities must not repeat, got {shifts}, {severities}")
+        ood_datasets = dict(ood_datasets or {})
+        shift_names = [f"{name}-{severity}" for name in shifts for severity in severities]
+        for name, dataset in ood_datasets.items():
+            if not isinstance(name, str) or name == "id" or name in shift_names:
+                raise ValueError(
+                    f"ood_datasets keys must be strings other than 'id' and the shift names "
+                    f"{shift_names}, got {name!r}"
+                )
+            if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+                raise ValueError(
+                    f"ood_datasets[{name!r}] must be a map-style Dataset, got "
+                    f"{type(dataset).__name__}"
+                )
+        self.save_hyperparameters(ignore=["datamodule", "view_transforms", "ood_datasets"])
+        self.datamodule = datamodule
+        self.calibration_fraction = float(calibration_fraction)
+        self.views = views
+        self.view_transforms = view_transforms
+        self.shifts = shifts
+        self.severities = severities
+        self.ood_datasets = ood_datasets
+        self.calibration_indices: Tensor | None = None
+        self.heldout_indices: Tensor | None = None
+        self.test_datasets: list[Dataset] | None = None
+        self.cached: dict[str, CachedOutputs] = {}
+        self._test_set_names = ["id", *shift_names, *ood_datasets]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the wrapped module."""
+        return self.datamodule.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Image shape of the wrapped module."""
+        return self.datamodule.image_shape
+
+    @property
+    def num_views(self) -> int:
+        """Number of views per item (0 with ``views=False``); the default views need ``setup``
+        only to be built, their number (3) is known before."""
+        if not self.views:
+            return 0
+        return 3 if self.view_transforms is None else len(self.view_transforms)
+
+    @property
+    def test_set_names(self) -> list[str]:
+        """Names of the test loaders, in ``test_dataloader()`` order: ``"id"``, the shifts
+        (``"rotation-1"``, ...), then the ``ood_datasets`` keys."""
+        return list(self._test_set_names)
+
+    @property
+    def test_class_subsets(self) -> list[list[int] | None]:
+        """``class_subset`` of every test set (e.g. the 200 ImageNet-A / -R classes) or None,
+        in ``test_set_names`` order."""
+        subsets: list[list[int] | None] = [None] * len(self._test_set_names)
+        for i, name in enumerate(self._test_set_names):
+            if name in self.ood_datasets:
+                subset = getattr(self.ood_datasets[name], "class_subset", None)
+                subsets[i] = None if subset is None else [int(c) for c in subset]
+        return subsets
+
+    def _transforms(self) -> list[Callable[[Tensor], Tensor]]:
+        if self.view_transforms is None:
+            channels, _, size = self.image_shape
+            mean, std = _normalisation_of(self.datamodule, channels)
+            self.view_transforms = default_view_transforms(channels, size, mean=mean, std=std)
+        return list(self.view_transforms)
+
+    def _with_views(self, dataset: Dataset) -> Dataset:
+        if not self.views:
+            return dataset
+        return ViewsDataset(dataset, self._transforms(), seed=self.seed)
+
+    def prepare_data(self) -> None:
+        """Delegated to the wrapped module."""
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Set up the wrapped module and build the calibration split and / or the test sets.
+
+        ``"fit"`` / ``"validate"`` (or None) builds the calibration and held-out splits of the
+        validation set; ``"test"`` / ``"predict"`` (or None) builds the test sets.
+        """
+        need_fit = stage in (None, "fit", "validate")
+        need_test = stage in (None, "test", "predict")
+        self.datamodule.trainer = self.trainer
+        if need_fit and self.train_dataset is None:
+            self.datamodule.setup("fit" if stage is None else stage)
+            val = getattr(self.datamodule, "val_dataset", None)
+            if val is None:
+                raise RuntimeError(
+                    f"{type(self.datamodule).__name__} has no val_dataset after setup: the "
+                    "calibration split is taken from the validation set"
+                )
+            test = getattr(self.datamodule, "test_dataset", None)
+            if test is not None and val is test:
+                raise ValueError(
+                    f"{type(self.datamodule).__name__} validates on its test set (e.g. CIFAR "
+                    "with val_size=0): the calibration split must be disjoint from the test "
+                    "data, give the wrapped module a validation split (val_size > 0)"
+                )
+            self._split(val)
+        if need_test and self.test_datasets is None:
+            self.datamodule.setup("test" if stage is None else stage)
+            test = getattr(self.datamodule, "test_dataset", None)
+            if test is None:
+                raise RuntimeError(f"{type(self.datamodule).__name__} has no test_dataset")
+            val = getattr(self.datamodule, "val_dataset", None)
+            if val is not None and val is test:
+                raise ValueError(
+                    f"{type(self.datamodule).__name__} validates on its test set: the "
+                    "calibration split must be disjoint from the test data"
+                )
+            sets: list[Dataset] = [test]
+            for name in self.shifts:
+                for severity in self.severities:
+                    sets.append(CorruptedDataset(test, name, severity, seed=self.seed))
+            sets.extend(self.ood_datasets.values())
+            self.test_datasets = [self._with_views(d) for d in sets]
+            self.test_dataset = self.test_datasets[0]
+
+    def _split(self, val: Dataset) -> None:
+        targets = dataset_targets(val)
+        n = len(targets)
+        if self.calibration_fraction == 1.0:
+            calibration, heldout = np.arange(n), np.arange(0)
+        else:
+            calibration_size = int(round(self.calibration_fraction * n))
+            heldout, calibration = stratified_split(
+                targets, calibration_size, self.seed, name="round(calibration_fraction * N_val)"
+            )
+        self.calibration_indices = torch.as_tensor(calibration, dtype=torch.int64)
+        self.heldout_indices = torch.as_tensor(heldout, dtype=torch.int64)
+        val = self._with_views(val)
+        self.train_dataset = Subset(val, calibration.tolist())
+        if len(heldout):
+            self.val_dataset = Subset(val, heldout.tolist())
+        else:
+            self.val_dataset = self.train_dataset
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Delegated to the wrapped module."""
+        self.datamodule.teardown(stage)
+
+    @torch.no_grad()
+    def cache_outputs(
+        self,
+        fn: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Run a frozen classifier once over the calibration and held-out splits and serve its
+        outputs instead of images from then on.
+
+        ``fn(images, views)`` (``views`` None when ``views=False``) returns ``(logits (B, C),
+        view_logits (V, B, C) or None)``, e.g. ``PostHocCalibration.classifier_logits``, which
+        calls this at the start of ``fit``. Afterwards :meth:`train_dataloader` (same sampler
+        and seed) and :meth:`val_dataloader` yield ``{"logits": (B, C), "view_logits": (V, B,
+        C), "labels": (B,)}`` (no ``view_logits`` when ``fn`` gave None) and need no workers.
+        Test loaders keep serving images. Call again to recompute (e.g. for another
+        classifier); :meth:`clear_cache` goes back to images.
+
+        Args:
+            fn: the classifier outputs of a batch.
+            device: where the batches are moved before ``fn`` (None: left on the CPU).
+        """
+        if self.train_dataset is None or self.val_dataset is None:
+            raise RuntimeError("cache_outputs needs the calibration split: call setup('fit') first")
+        cached: dict[str, CachedOutputs] = {}
+        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
+            if split == "val" and dataset is self.train_dataset:
+                cached["val"] = cached["train"]
+                continue
+            logits, view_logits, labels = [], [], []
+            for batch in self._loader(dataset, split, shuffle=False):
+                if self.views:
+                    images, views, targets = batch
+                    views = views.to(device) if device is not None else views
+                else:
+                    (images, targets), views = batch, None
+                images = images.to(device) if device is not None else images
+                out, out_views = fn(images, views)
+                logits.append(out.detach().cpu())
+                labels.append(torch.as_tensor(targets, dtype=torch.int64).cpu())
+                if out_views is not None:
+                    view_logits.append(out_views.detach().cpu().transpose(0, 1))
+            cached[split] = CachedOutputs(
+                torch.cat(logits),
+                torch.cat(labels),
+                torch.cat(view_logits) if view_logits else None,
+            )
+        self.cached = cached
+
+    def clear_cache(self) -> None:
+        """Forget the outputs of :meth:`cache_outputs`: the loaders serve images again."""
+        self.cached = {}
+
+    def _cached_loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.cached[split]
+        kwargs: dict[str, Any] = {}
+        if shuffle:
+            kwargs["sampler"] = EpochSeededRandomSampler(dataset, seed=self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_cached, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """The calibration split, shuffled (order fixed by ``seed`` and the epoch)."""
+        if self.cached:
+            return self._cached_loader("train", shuffle=True)
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        """The held-out rest of the validation set (the calibration split if there is none)."""
+        if self.cached:
+            return self._cached_loader("val", shuffle=False)
+        return super().val_dataloader()
+
+    def test_dataloader(self) -> list[DataLoader]:  # type: ignore[override]
+        """One loader per test set, in :attr:`test_set_names` order."""
+        if self.test_datasets is None:
+            raise RuntimeError(
+                "CalibrationDataModule.test_datasets is not set: call setup('test') first"
+            )
+        return [self._loader(d, "test", shuffle=False) for d in self.test_datasets]
