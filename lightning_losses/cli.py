@@ -23,6 +23,11 @@ class LossesCLI(LightningCLI):
             "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
         )
 
+    def after_fit(self) -> None:
+        """Modules with ``test_after_fit = True`` (post-hoc calibration) report right after fit."""
+        if getattr(self.model, "test_after_fit", False):
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
 
 def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> LossesCLI:
     """Run the CLI; ``args`` replaces ``sys.argv`` (for notebooks and tests)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -150,6 +150,9 @@ class CalibrationDataModule(ClassificationDataModule):
         batch_size: items per batch.
         num_workers: loader worker processes.
         seed: seed of the calibration split, the training order, the views and the corruptions.
+        id_test: the in-distribution test set: the wrapped module's ``"test"`` set, or the
+            ``"heldout"`` rest of its validation set (ImageNet, whose labelled val set is both
+            the calibration data and the only ID test data; the shifts apply to it too).
     """
 
     def __init__(
@@ -164,8 +167,14 @@ class CalibrationDataModule(ClassificationDataModule):
         batch_size: int = 256,
         num_workers: int = 0,
         seed: int = 0,
+        id_test: Literal["test", "heldout"] = "test",
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        if id_test not in ("test", "heldout"):
+            raise ValueError(f"id_test must be 'test' or 'heldout', got {id_test!r}")
+        if id_test == "heldout" and calibration_fraction >= 1.0:
+            raise ValueError("id_test='heldout' needs calibration_fraction < 1")
+        self.id_test = id_test
         if not isinstance(datamodule, L.LightningDataModule):
             raise ValueError(
                 f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}"
@@ -310,6 +319,8 @@ class CalibrationDataModule(ClassificationDataModule):
         if need_test and self.test_datasets is None:
             self.datamodule.setup("test" if stage is None else stage)
             test = getattr(self.datamodule, "test_dataset", None)
+            if self.id_test == "heldout":
+                test = self._heldout_test()
             if test is None:
                 raise RuntimeError(f"{type(self.datamodule).__name__} has no test_dataset")
             val = getattr(self.datamodule, "val_dataset", None)
@@ -325,6 +336,12 @@ class CalibrationDataModule(ClassificationDataModule):
             sets.extend(self.ood_datasets.values())
             self.test_datasets = [self._with_views(d) for d in sets]
             self.test_dataset = self.test_datasets[0]
+
+    def _heldout_test(self) -> Dataset:
+        if self.heldout_indices is None:
+            self.datamodule.setup("fit")
+            self._split(self.datamodule.val_dataset)
+        return Subset(self.datamodule.val_dataset, self.heldout_indices.tolist())
 
     def _split(self, val: Dataset) -> None:
         targets = dataset_targets(val)

@@ -9,6 +9,16 @@ from lightning_losses.losses.calibration import (
     correctness_aware_loss,
     correctness_weights,
 )
+from lightning_losses.losses.distillation import (
+    dmd_gradient,
+    dmd_loss,
+    fake_denoiser_loss,
+)
+from lightning_losses.losses.embedding import (
+    EmbeddingLoss,
+    EmbeddingLossOutput,
+    mmd2,
+)
 from lightning_losses.losses.opl import (
     OPLOutput,
     OrthogonalProjectionLoss,
@@ -30,4 +40,10 @@ __all__ = [
     "calibration_mse",
     "correctness_aware_loss",
     "correctness_weights",
+    "EmbeddingLoss",
+    "EmbeddingLossOutput",
+    "mmd2",
+    "dmd_gradient",
+    "dmd_loss",
+    "fake_denoiser_loss",
 ]

@@ -10,6 +10,7 @@ from lightning_losses.nets.backbones import (
     MLPBackbone,
     SmallCNN,
     TorchvisionBackbone,
+    TorchvisionClassifier,
     feature_dim_of,
     load_state_dict_file,
 )
@@ -28,6 +29,7 @@ from lightning_losses.nets.cifar_resnet import (
     resnet56,
     resnet110,
 )
+from lightning_losses.nets.embedders import EMBEDDER_FAMILIES, RandomEmbedderBank
 
 __all__ = [
     "TORCHVISION_RESNETS",
@@ -36,6 +38,7 @@ __all__ = [
     "MLPBackbone",
     "SmallCNN",
     "TorchvisionBackbone",
+    "TorchvisionClassifier",
     "feature_dim_of",
     "load_state_dict_file",
     "resnet20",
@@ -47,4 +50,6 @@ __all__ = [
     "TemperatureCalibrator",
     "TemperatureScaling",
     "fit_temperature",
+    "EMBEDDER_FAMILIES",
+    "RandomEmbedderBank",
 ]

@@ -155,15 +155,17 @@ class TorchvisionBackbone(nn.Module):
         if weights is not None:
             self.load_weights(weights)
 
-    def load_weights(self, path: str | os.PathLike[str]) -> None:
-        """Load a local state dict file (see :func:`load_state_dict_file`), ignoring ``fc.*`` keys.
+    def load_weights(self, path: str | os.PathLike[str], keep_fc: bool = False) -> None:
+        """Load a local state dict file (see :func:`load_state_dict_file`), ignoring ``fc.*`` keys
+        unless ``keep_fc`` (then the classifier layer must match too).
 
         Raises:
             ValueError: naming the missing keys, the unexpected keys and the keys whose shapes
                 differ, if the file's weights (without ``fc.*``) do not match this backbone.
         """
         state = load_state_dict_file(path)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        if not keep_fc:
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -174,7 +176,7 @@ class TorchvisionBackbone(nn.Module):
         )
         if missing or unexpected or mismatched:
             raise ValueError(
-                f"weights: {str(path)!r} does not match TorchvisionBackbone(name={self.name!r}). "
+                f"weights: {str(path)!r} does not match {type(self).__name__}(name={self.name!r}). "
                 f"Missing keys ({len(missing)}): {_preview(missing)}; "
                 f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}; "
                 f"shape mismatches ({len(mismatched)}): {_preview(mismatched)}"
@@ -186,6 +188,25 @@ class TorchvisionBackbone(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class TorchvisionClassifier(TorchvisionBackbone):
+    """A whole torchvision ResNet, classifier layer included, returning (B, num_classes) logits.
+
+    For post-hoc calibration of a pretrained model: ``weights`` is a LOCAL state dict file (e.g.
+    torchvision's ``resnet152-*.pth`` copied to the machine), loaded with ``weights_only=True``
+    or safetensors; ``state_dict()`` keys are torchvision's. Nothing is ever downloaded.
+    """
+
+    def __init__(
+        self, name: str = "resnet152", num_classes: int = 1000, weights: str | None = None
+    ) -> None:
+        super().__init__(name=name)
+        _check_positive_int("num_classes", num_classes)
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+        if weights is not None:
+            self.load_weights(weights, keep_fc=True)
 
 
 def _preview(items: list[str], limit: int = 8) -> str:

@@ -1,0 +1,289 @@
+"""A bank of frozen, randomly initialised embedding networks for the Embedding Loss (EL).
+
+The EL paper (Ying et al., arXiv 2604.22379) matches generated and real images by MMD in the
+feature spaces of "a diverse set of randomly initialised networks"; its networks are unknown to us.
+EVERYTHING here is OUR choice, and each knob is a parameter:
+
+- families, cycled over the networks (``families`` picks and orders them):
+
+  * ``"convnet"``: plain ConvNet, 3 stages of conv3x3-ReLU-avgpool2, widths w, 2w, 4w (the random
+    ConvNet of dataset condensation by distribution matching, without its instance norm);
+  * ``"resnet"``: small pre-activation ResNet with GroupNorm, a conv3x3 stem and 3 basic blocks
+    (w, stride 1; 2w, stride 2; 4w, stride 2);
+  * ``"wide"``: wide shallow net, one conv5x5 layer with 8w channels and ReLU;
+  * ``"patch_mlp"``: strided patch-MLP, a 4x4 / stride 4 patchify conv to 4w channels with GELU,
+    then 2 residual token-MLP blocks (LayerNorm, Linear 4w -> 8w, GELU, Linear 8w -> 4w);
+
+- features: the global average pool (over space, or over tokens) of every stage's output, so a
+  network gives one (B, c) tensor per stage and the bank the list over all networks;
+- no BatchNorm anywhere: only GroupNorm and LayerNorm, which normalise each sample on its own, so
+  a sample's features never depend on the rest of the batch;
+- initialisation: weights ~ N(0, 2 / fan_in) (Kaiming, ReLU gain), biases ~ U(-1/sqrt(fan_in),
+  1/sqrt(fan_in)), norms' affine parameters at 1 and 0, all drawn from one CPU
+  ``torch.Generator`` seeded with ``seed``, network by network. The weights are thus a function
+  of ``seed`` alone: identical on every rank and on every device, independent of (and not
+  advancing) the global RNG.
+
+Inputs are images of at least 8 x 8 (``min_size``); 8 x 8 to 64 x 64 is the intended range (larger
+works, at a cost linear in the pixels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["EMBEDDER_FAMILIES", "RandomEmbedderBank"]
+
+#: The network families of :class:`RandomEmbedderBank`, in the default cycling order.
+EMBEDDER_FAMILIES: tuple[str, ...] = ("convnet", "resnet", "wide", "patch_mlp")
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups: up to 8, dividing the channels."""
+    return math.gcd(channels, 8)
+
+
+class _ConvNet(nn.Module):
+    """Plain ConvNet: conv3x3-ReLU-avgpool2 stages; pooled features after each ReLU."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        widths = [in_channels, width, 2 * width, 4 * width]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(widths[i], widths[i + 1], 3, padding=1) for i in range(3)
+        )
+        self.feature_dims = widths[1:]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = []
+        for conv in self.convs:
+            x = F.relu(conv(x))
+            features.append(x.mean(dim=(2, 3)))
+            x = F.avg_pool2d(x, 2)
+        return features
+
+
+class _Block(nn.Module):
+    """Pre-activation basic block with GroupNorm."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(in_channels), in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.norm2 = nn.GroupNorm(_groups(out_channels), out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.relu(self.norm1(x)))
+        h = self.conv2(F.relu(self.norm2(h)))
+        return h + self.shortcut(x)
+
+
+class _ResNet(nn.Module):
+    """Small GroupNorm ResNet: stem, then blocks (w, 1), (2w, 2), (4w, 2); pooled per block."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            [_Block(width, width, 1), _Block(width, 2 * width, 2), _Block(2 * width, 4 * width, 2)]
+        )
+        self.feature_dims = [width, 2 * width, 4 * width]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.stem(x)
+        features = []
+        for block in self.blocks:
+            x = block(x)
+            features.append(x.mean(dim=(2, 3)))
+        return features
+
+
+class _Wide(nn.Module):
+    """Wide shallow net: one conv5x5 with 8w channels and ReLU, pooled."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8 * width, 5, padding=2)
+        self.feature_dims = [8 * width]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [F.relu(self.conv(x)).mean(dim=(2, 3))]
+
+
+class _PatchMLP(nn.Module):
+    """Strided patch-MLP: 4x4/stride-4 patchify + GELU, 2 residual token MLPs; token-pooled."""
+
+    patch_size = 4
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        dim = 4 * width
+        self.patchify = nn.Conv2d(in_channels, dim, self.patch_size, stride=self.patch_size)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+            )
+            for _ in range(2)
+        )
+        self.feature_dims = [dim] * 3
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        tokens = F.gelu(self.patchify(x)).flatten(2).transpose(1, 2)  # (B, N, dim)
+        features = [tokens.mean(dim=1)]
+        for block in self.blocks:
+            tokens = tokens + block(tokens)
+            features.append(tokens.mean(dim=1))
+        return features
+
+
+_FAMILY_CLASSES: dict[str, type[nn.Module]] = {
+    "convnet": _ConvNet,
+    "resnet": _ResNet,
+    "wide": _Wide,
+    "patch_mlp": _PatchMLP,
+}
+
+
+@torch.no_grad()
+def _initialise(network: nn.Module, generator: torch.Generator) -> None:
+    """Draw every weight of ``network`` from ``generator`` (CPU), then copy it into place."""
+    for module in network.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            weight = torch.randn(module.weight.shape, generator=generator)
+            module.weight.copy_(weight * math.sqrt(2.0 / fan_in))
+            if module.bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                bias = torch.rand(module.bias.shape, generator=generator) * (2 * bound) - bound
+                module.bias.copy_(bias)
+        elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+            module.weight.fill_(1.0)
+            module.bias.fill_(0.0)
+
+
+class RandomEmbedderBank(nn.Module):
+    """Frozen, randomly initialised networks of different families; see the module docstring.
+
+    ``forward(x)`` maps images (B, in_channels, H, W), H and W >= 8, to the list of globally pooled
+    (B, c) features of every stage of every network (``feature_dims`` lists the c's, in order).
+    The bank is frozen: every parameter has ``requires_grad=False`` and the bank stays in eval
+    mode whatever ``train(mode)`` is asked (no module here behaves differently anyway). Gradients
+    still flow through it to its input.
+
+    Args:
+        in_channels: image channels.
+        num_networks: networks in the bank; network i has family ``families[i % len(families)]``.
+        seed: the weights are a deterministic function of it (identical on every rank, independent
+            of the global RNG).
+        width: base width w of every family (see the module docstring).
+        resample_every: if > 0, :meth:`maybe_resample` re-draws the weights every that many steps.
+        families: the families to cycle through (default :data:`EMBEDDER_FAMILIES`).
+    """
+
+    #: The smallest spatial size every family accepts.
+    min_size: int = 8
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_networks: int = 4,
+        seed: int = 0,
+        width: int = 32,
+        resample_every: int = 0,
+        families: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = _check_int("in_channels", in_channels, 1)
+        self.num_networks = _check_int("num_networks", num_networks, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.width = _check_int("width", width, 1)
+        self.resample_every = _check_int("resample_every", resample_every, 0)
+        chosen = tuple(EMBEDDER_FAMILIES if families is None else families)
+        unknown = [f for f in chosen if f not in _FAMILY_CLASSES]
+        if not chosen or unknown:
+            raise ValueError(
+                f"families must be a non-empty sequence of {EMBEDDER_FAMILIES}, got {families!r}"
+            )
+        self.families = [chosen[i % len(chosen)] for i in range(num_networks)]
+        # Building modules draws PyTorch's default init from the global RNG: keep it untouched.
+        with torch.random.fork_rng(devices=[]):
+            self.networks = nn.ModuleList(
+                _FAMILY_CLASSES[family](in_channels, width) for family in self.families
+            )
+        self.feature_dims: list[int] = [d for net in self.networks for d in net.feature_dims]
+        self.current_seed = self.seed
+        self.reset_parameters(self.seed)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Re-draw every weight from ``seed`` (default: the constructor's ``seed``)."""
+        seed = self.seed if seed is None else _check_int("seed", seed, 0)
+        generator = torch.Generator().manual_seed(seed)
+        for network in self.networks:
+            _initialise(network, generator)
+        self.current_seed = seed
+
+    def maybe_resample(self, step: int) -> bool:
+        """Re-draw the weights from ``seed + step // resample_every`` at every multiple of it.
+
+        Does something only when ``resample_every > 0``, ``step > 0`` and
+        ``step % resample_every == 0``. Pass a step that every rank agrees on (e.g. the module's
+        own generator-step counter) and every rank holds the same weights afterwards: the new
+        seed is a function of the step, and no communication is needed. The weights are in the
+        state dict, so a resumed run continues with the networks it checkpointed.
+
+        Returns:
+            Whether the weights were re-drawn.
+        """
+        step = _check_int("step", step, 0)
+        if self.resample_every > 0 and step > 0 and step % self.resample_every == 0:
+            self.reset_parameters(self.seed + step // self.resample_every)
+            return True
+        return False
+
+    def train(self, mode: bool = True) -> RandomEmbedderBank:
+        """Stay in eval mode whatever ``mode`` is (the bank is frozen)."""
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a 4-D image batch (B, C, H, W), got {shape}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but the bank was built "
+                f"with in_channels={self.in_channels}"
+            )
+        if min(x.shape[2:]) < self.min_size:
+            raise ValueError(
+                f"x has spatial size {tuple(x.shape[2:])}; the bank needs at least "
+                f"{self.min_size} x {self.min_size}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        weight = next(self.parameters())
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight.dtype)
+        return [feature for network in self.networks for feature in network(x)]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, families={self.families}, seed={self.seed}, "
+            f"width={self.width}, resample_every={self.resample_every}"
+        )

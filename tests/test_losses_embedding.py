@@ -1,0 +1,298 @@
+"""MMD against an explicit float64 double loop, its estimators and gradients, and EmbeddingLoss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_losses.losses import EmbeddingLoss, EmbeddingLossOutput, mmd2
+from lightning_losses.nets import RandomEmbedderBank
+
+MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def _sq_dist(a, b) -> float:
+    return sum((float(a[k]) - float(b[k])) ** 2 for k in range(len(a)))
+
+
+def reference_median_bandwidth(x, y) -> float:
+    """Lower median of ||z_i - z_j||^2 over the pairs i < j of the pooled sample z = [x; y]."""
+    z = [row for row in x.double()] + [row for row in y.double()]
+    values = sorted(_sq_dist(z[i], z[j]) for i in range(len(z)) for j in range(i + 1, len(z)))
+    return values[(len(values) - 1) // 2]
+
+
+def reference_mmd2(x, y, kernel, bandwidth=None, multipliers=MULTIPLIERS, unbiased=True) -> float:
+    """The estimators' definitions, pair by pair, in float64 Python loops."""
+    x, y = x.double(), y.double()
+    if kernel == "gaussian":
+        h = reference_median_bandwidth(x, y) if bandwidth is None else bandwidth
+
+        def k(a, b):
+            d2 = _sq_dist(a, b)
+            return sum(math.exp(-d2 / (s * h)) for s in multipliers)
+    else:
+
+        def k(a, b):
+            return sum(float(a[t]) * float(b[t]) for t in range(len(a)))
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j or not unbiased)
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j or not unbiased)
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n))
+    if unbiased:
+        return xx / (m * (m - 1)) + yy / (n * (n - 1)) - 2 * xy / (m * n)
+    return xx / m**2 + yy / n**2 - 2 * xy / (m * n)
+
+
+def _samples(m=7, n=5, d=3, shift=0.5, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, d, generator=g, dtype=dtype)
+    y = torch.randn(n, d, generator=g, dtype=dtype) + shift
+    return x, y
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("bandwidth", [None, 3.0])
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_mmd2_matches_float64_loop_reference(kernel, bandwidth, unbiased):
+    for seed in range(2):
+        x, y = _samples(seed=seed)
+        expected = reference_mmd2(x, y, kernel, bandwidth, unbiased=unbiased)
+        got64 = mmd2(x, y, kernel, bandwidth=bandwidth, unbiased=unbiased)
+        assert got64.dtype == torch.float64
+        assert float(got64) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        got32 = mmd2(x.float(), y.float(), kernel, bandwidth=bandwidth, unbiased=unbiased)
+        assert got32.dtype == torch.float32
+        assert float(got32) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_median_heuristic_uses_off_diagonal_pairs_of_pooled_sample():
+    # Pooled distances: the median over i < j pairs differs from a median that counts the zero
+    # diagonal, from one over x-y pairs only, and from the midpoint of the two middle values.
+    x = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
+    y = torch.tensor([[7.0], [15.0]], dtype=torch.float64)
+    h = reference_median_bandwidth(x, y)
+    assert h == 36.0  # pair distances^2: 1 4 9 16 36 49 64 144 196 225 -> lower median 36
+    got = mmd2(x, y, "gaussian", unbiased=False)
+    assert float(got) == pytest.approx(reference_mmd2(x, y, "gaussian", unbiased=False), rel=1e-12)
+    assert float(got) == pytest.approx(
+        float(mmd2(x, y, "gaussian", bandwidth=36.0, unbiased=False)), rel=1e-12
+    )
+    assert float(got) != pytest.approx(
+        float(mmd2(x, y, "gaussian", bandwidth=42.5, unbiased=False)), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_mmd2_is_symmetric(kernel, unbiased):
+    x, y = _samples(m=9, n=6, d=4, dtype=torch.float32)
+    assert torch.allclose(
+        mmd2(x, y, kernel, unbiased=unbiased), mmd2(y, x, kernel, unbiased=unbiased)
+    )
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_biased_mmd2_of_a_sample_with_itself_is_zero(kernel):
+    x, _ = _samples(m=10, d=5, dtype=torch.float32)
+    assert abs(float(mmd2(x, x.clone(), kernel, unbiased=False))) < 1e-5
+
+
+def test_linear_biased_mmd2_is_squared_distance_of_means():
+    x, y = _samples(m=11, n=4, d=6, shift=1.5)
+    expected = (x.mean(0) - y.mean(0)).pow(2).sum()
+    assert torch.allclose(mmd2(x, y, "linear", unbiased=False), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_unbiased_estimate_is_zero_in_expectation_and_positive_under_shift(kernel):
+    same, biased, shifted = [], [], []
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(32, 4, generator=g)
+        y = torch.randn(32, 4, generator=g)
+        same.append(float(mmd2(x, y, kernel)))
+        biased.append(float(mmd2(x, y, kernel, unbiased=False)))
+        shifted.append(float(mmd2(x, y + 1.0, kernel)))
+    mean_same = sum(same) / len(same)
+    mean_biased = sum(biased) / len(biased)
+    mean_shifted = sum(shifted) / len(shifted)
+    # Standard errors here are ~0.004 (gaussian) and ~0.012 (linear); the V-statistic's bias is
+    # ~0.18 and ~0.25; the shift gives ~1 and ~4.
+    assert abs(mean_same) < 0.05
+    assert mean_biased > 0.1
+    assert mean_shifted > 0.5
+    assert min(shifted) > 0
+
+
+def test_mmd2_rejects_bad_inputs():
+    x, y = _samples(dtype=torch.float32)
+    with pytest.raises(ValueError, match="x has 1 rows"):
+        mmd2(x[:1], y)
+    with pytest.raises(ValueError, match="y has 1 rows"):
+        mmd2(x, y[:1])
+    assert torch.isfinite(mmd2(x[:1], y[:1], unbiased=False))  # the V-statistic accepts 1 row
+    with pytest.raises(ValueError, match="x has 0 rows"):
+        mmd2(x[:0], y, unbiased=False)
+    with pytest.raises(ValueError, match="x must be a 2-D tensor"):
+        mmd2(x.view(7, 3, 1), y)
+    with pytest.raises(ValueError, match="same number of features"):
+        mmd2(x, y[:, :2])
+    with pytest.raises(ValueError, match="kernel"):
+        mmd2(x, y, "laplace")
+    with pytest.raises(ValueError, match="bandwidth"):
+        mmd2(x, y, bandwidth=0.0)
+    with pytest.raises(ValueError, match="bandwidth_multipliers"):
+        mmd2(x, y, bandwidth_multipliers=())
+    with pytest.raises(ValueError, match="bandwidth_multipliers"):
+        mmd2(x, y, bandwidth_multipliers=(1.0, -2.0))
+    with pytest.raises(ValueError, match="floating-point"):
+        mmd2(x.long(), y)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        mmd2(bad, y)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_gradients_are_finite_at_identical_points(kernel):
+    base = torch.randn(4, 3)
+    x = torch.cat([base, base]).requires_grad_()  # duplicated rows: distance 0 off the diagonal
+    y = torch.cat([base, base]).clone().requires_grad_()
+    value = mmd2(x, y, kernel)
+    value.backward()
+    assert torch.isfinite(value)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()
+    # Every point identical: the median is 0 and the bandwidth floor keeps everything finite.
+    same = torch.ones(5, 3, requires_grad=True)
+    value = mmd2(same, torch.ones(4, 3), kernel)
+    value.backward()
+    assert float(value.detach()) == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(same.grad).all()
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_gradcheck_float64_fixed_bandwidth(kernel, unbiased):
+    x, y = _samples(m=5, n=4, d=3)
+    x.requires_grad_()
+    y.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: mmd2(a, b, kernel, bandwidth=2.0, unbiased=unbiased), (x, y)
+    )
+
+
+def test_mmd2_computes_in_at_least_float32():
+    x, y = _samples(dtype=torch.float32)
+    expected = mmd2(x, y)
+    got = mmd2(x.bfloat16(), y.bfloat16())
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, mmd2(x.bfloat16().float(), y.bfloat16().float()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = mmd2(x, y)
+    assert inside.dtype == torch.float32
+    assert torch.allclose(inside, expected)
+
+
+def _bank() -> RandomEmbedderBank:
+    return RandomEmbedderBank(in_channels=1, num_networks=4, seed=0, width=4)
+
+
+def _images(batch: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, 1, 8, 8, generator=g) * 2 - 1 + shift).clamp(-1, 1)
+
+
+def test_embedding_loss_is_sum_of_per_feature_mmd():
+    bank = _bank()
+    loss_fn = EmbeddingLoss(bank)
+    generated, real = _images(6, 0), _images(5, 1, shift=0.3)
+    out = loss_fn(generated, real)
+    assert isinstance(out, EmbeddingLossOutput)
+    gen_f, real_f = bank(generated), bank(real)
+    expected = torch.stack([mmd2(a, b) for a, b in zip(gen_f, real_f)])
+    assert out.per_feature.shape == (len(bank.feature_dims),)
+    assert torch.allclose(out.per_feature, expected)
+    assert torch.allclose(out.loss, expected.sum())
+    linear = EmbeddingLoss(bank, kernel="linear", unbiased=False)(generated, real)
+    expected_linear = [(a.mean(0) - b.mean(0)).pow(2).sum() for a, b in zip(gen_f, real_f)]
+    assert torch.allclose(linear.per_feature, torch.stack(expected_linear), atol=1e-6)
+
+
+def test_embedding_loss_gradients_reach_generated_batch_only():
+    bank = _bank()
+    loss_fn = EmbeddingLoss(bank)
+    generated = _images(6, 0).requires_grad_()
+    real = _images(6, 1, shift=0.5).requires_grad_()
+    out = loss_fn(generated, real)
+    out.loss.backward()
+    assert generated.grad is not None and torch.isfinite(generated.grad).all()
+    assert generated.grad.abs().sum() > 0
+    assert real.grad is None
+    assert all(p.grad is None and not p.requires_grad for p in bank.parameters())
+    # A plain module passed as a bank is frozen too, and kept in eval mode.
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5), torch.nn.Dropout(0.5))
+    plain_bank = _ListOf(plain)
+    wrapped = EmbeddingLoss(plain_bank)
+    wrapped.train()
+    assert wrapped.training and not plain_bank.training and not plain[2].training
+    wrapped(generated, real).loss.backward()
+    assert all(p.grad is None for p in plain.parameters())
+
+
+class _ListOf(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return [self.net(x)]
+
+
+def test_embedding_loss_per_class_skips_small_classes():
+    bank = _bank()
+    loss_fn = EmbeddingLoss(bank, per_class=True)
+    generated, real = _images(6, 0), _images(8, 1, shift=0.2)
+    gen_labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    real_labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    out = loss_fn(generated, real, gen_labels, real_labels)
+    # Class 1 has 1 generated sample and class 3 none: only classes 0 and 2 count.
+    gen_f, real_f = bank(generated), bank(real)
+    expected = []
+    for a, b in zip(gen_f, real_f):
+        per_class = [mmd2(a[gen_labels == c], b[real_labels == c]) for c in (0, 2)]
+        expected.append(torch.stack(per_class).mean())
+    assert torch.allclose(out.per_feature, torch.stack(expected), atol=1e-6)
+    unconditional = EmbeddingLoss(bank)(generated, real)
+    assert not torch.allclose(out.loss, unconditional.loss)
+    # No class with >= 2 samples on both sides: the unconditional MMD.
+    fallback = loss_fn(generated, real, torch.arange(6), torch.arange(8))
+    assert torch.allclose(fallback.per_feature, unconditional.per_feature)
+    with pytest.raises(ValueError, match="per_class=True needs"):
+        loss_fn(generated, real)
+
+
+def test_embedding_loss_rejects_bad_inputs():
+    loss_fn = EmbeddingLoss(_bank())
+    good = _images(4, 0)
+    with pytest.raises(ValueError, match="generated has 3 channels"):
+        loss_fn(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8))
+    with pytest.raises(ValueError, match="spatial size"):
+        loss_fn(torch.zeros(4, 1, 4, 4), torch.zeros(4, 1, 4, 4))
+    with pytest.raises(ValueError, match="same channels and size"):
+        loss_fn(good, torch.zeros(4, 1, 16, 16))
+    with pytest.raises(ValueError, match="real has batch size 1"):
+        loss_fn(good, good[:1])
+    bad = good.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="generated contains NaN or inf"):
+        loss_fn(bad, good)
+    with pytest.raises(ValueError, match="real_labels has 3 entries"):
+        EmbeddingLoss(_bank(), per_class=True)(
+            good, good, torch.zeros(4, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+        )
+    with pytest.raises(ValueError, match="kernel"):
+        EmbeddingLoss(_bank(), kernel="cosine")

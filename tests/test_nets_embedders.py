@@ -1,0 +1,139 @@
+"""RandomEmbedderBank: frozen, seed-determined, BatchNorm-free, batch-independent, resampled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_losses.nets import EMBEDDER_FAMILIES, RandomEmbedderBank
+
+
+def _bank(**kwargs) -> RandomEmbedderBank:
+    kwargs.setdefault("in_channels", 3)
+    kwargs.setdefault("width", 4)
+    return RandomEmbedderBank(**kwargs)
+
+
+def _images(batch=5, channels=3, size=8, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, channels, size, size, generator=g) * 2 - 1
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_weights_and_features_are_determined_by_seed():
+    torch.manual_seed(123)
+    first = _bank(seed=0)
+    torch.manual_seed(456)  # the global RNG plays no part
+    second = _bank(seed=0)
+    other = _bank(seed=1)
+    assert _same_weights(first, second)
+    assert not _same_weights(first, other)
+    x = _images()
+    for a, b, c in zip(first(x), second(x), other(x)):
+        assert torch.equal(a, b)
+        assert not torch.allclose(a, c)
+
+
+def test_construction_leaves_global_rng_untouched():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    _bank(num_networks=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_families_cycle_and_no_batchnorm_anywhere():
+    bank = _bank(num_networks=6)
+    assert bank.families == [*EMBEDDER_FAMILIES, *EMBEDDER_FAMILIES[:2]]
+    assert len({type(net) for net in bank.networks}) == len(EMBEDDER_FAMILIES)
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.SyncBatchNorm)
+    assert not any(isinstance(m, norms) for m in bank.modules())
+    # The networks of one family differ: one generator draws them in turn.
+    assert not torch.equal(bank.networks[0].convs[0].weight, bank.networks[4].convs[0].weight)
+
+
+def test_bank_is_frozen_and_stays_in_eval_mode():
+    bank = _bank()
+    assert all(not p.requires_grad for p in bank.parameters())
+    bank.train()
+    assert not bank.training and not any(m.training for m in bank.modules())
+    x = _images().requires_grad_()
+    sum(f.sum() for f in bank(x)).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # gradients still reach the input
+    assert all(p.grad is None for p in bank.parameters())
+
+
+@pytest.mark.parametrize(("channels", "size", "batch"), [(1, 8, 3), (3, 13, 2), (3, 64, 2)])
+def test_features_are_pooled_per_stage(channels, size, batch):
+    bank = _bank(in_channels=channels, width=4)
+    features = bank(_images(batch, channels, size))
+    assert [tuple(f.shape) for f in features] == [(batch, d) for d in bank.feature_dims]
+    assert len(features) == 3 + 3 + 1 + 3
+    assert all(torch.isfinite(f).all() for f in features)
+    # Different images give different features in every map (nothing is constant).
+    assert all((f[0] - f[1]).abs().max() > 0 for f in features)
+
+
+def test_features_do_not_depend_on_batch_composition():
+    bank = _bank()
+    x = _images(batch=6, seed=3)
+    together = bank(x)
+    alone = bank(x[2:3])
+    with_others = bank(torch.cat([_images(batch=4, seed=9), x[2:3]]))
+    for t, a, w in zip(together, alone, with_others):
+        assert torch.allclose(t[2:3], a, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(w[-1:], a, atol=1e-5, rtol=1e-5)
+
+
+def test_resampling_is_deterministic_and_rank_shared():
+    bank = _bank(seed=3, resample_every=10)
+    twin = _bank(seed=3, resample_every=10)
+    start = {k: v.clone() for k, v in bank.state_dict().items()}
+    assert not bank.maybe_resample(0)
+    assert not bank.maybe_resample(5)
+    assert all(torch.equal(start[k], v) for k, v in bank.state_dict().items())
+    assert bank.maybe_resample(10)
+    assert bank.current_seed == 4
+    assert not all(torch.equal(start[k], v) for k, v in bank.state_dict().items())
+    assert _same_weights(bank, _bank(seed=4))
+    assert twin.maybe_resample(10)  # another rank, same step: same weights, no communication
+    assert _same_weights(bank, twin)
+    assert bank.maybe_resample(20) and _same_weights(bank, _bank(seed=5))
+    assert all(not p.requires_grad for p in bank.parameters())
+    never = _bank(seed=3)
+    assert not never.maybe_resample(10)
+    assert _same_weights(never, _bank(seed=3))
+
+
+def test_bank_rejects_bad_arguments_and_inputs():
+    bank = _bank()
+    with pytest.raises(ValueError, match="x has 1 channels"):
+        bank(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="spatial size"):
+        bank(torch.zeros(2, 3, 7, 8))
+    with pytest.raises(ValueError, match="4-D"):
+        bank(torch.zeros(2, 3, 8))
+    for kwargs, name in [
+        ({"in_channels": 0}, "in_channels"),
+        ({"num_networks": 0}, "num_networks"),
+        ({"width": 0}, "width"),
+        ({"seed": -1}, "seed"),
+        ({"resample_every": -1}, "resample_every"),
+        ({"families": ["vit"]}, "families"),
+        ({"families": []}, "families"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            _bank(**kwargs)
+
+
+def test_bank_accepts_other_float_dtypes():
+    bank = _bank()
+    x = _images()
+    expected = bank(x)
+    for got, want in zip(bank(x.double()), expected):
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, want)
