@@ -1,1 +1,37 @@
-"""TODO"""
+"""Diffusion teachers and denoisers in EDM sigma space.
+
+A denoiser is an ``nn.Module`` called as ``D(x, sigma, class_labels=None)`` that estimates the
+clean image ``x0`` (scaled to [-1, 1]) from ``x = x0 + sigma * eps``
+(:class:`~lightning_losses.diffusion.denoisers.Denoiser`). This package provides the EDM
+preconditioning around a diffusers ``UNet2DModel`` (:class:`EDMPrecond`), a wrapper for diffusers
+DDPM teachers (:class:`DiffusersEpsDenoiser`), the Karras noise schedule, EDM's Heun sampler, the
+EDM training loss and a small UNet factory.
+
+Importing it imports neither Lightning nor diffusers: diffusers is imported inside the functions
+that build or load models.
+"""
+
+from lightning_losses.diffusion.denoisers import (
+    PREDICTION_TYPES,
+    Denoiser,
+    DiffusersEpsDenoiser,
+    EDMPrecond,
+    per_sample_sigma,
+)
+from lightning_losses.diffusion.samplers import edm_heun_sampler, heun_step
+from lightning_losses.diffusion.schedules import karras_sigmas
+from lightning_losses.diffusion.training import edm_loss
+from lightning_losses.diffusion.unets import unet_for_images
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "Denoiser",
+    "DiffusersEpsDenoiser",
+    "EDMPrecond",
+    "edm_heun_sampler",
+    "edm_loss",
+    "heun_step",
+    "karras_sigmas",
+    "per_sample_sigma",
+    "unet_for_images",
+]
