@@ -17,7 +17,12 @@ from lightning_losses.datamodules import DigitsDataModule
 from lightning_losses.losses import orthogonal_projection_loss
 from lightning_losses.modules import OPLClassifier, WarmupMultiStepLR
 
-QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+QUIET = {
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,  # nothing written into the working directory
+}
 QUIET_ARGS = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -174,7 +179,6 @@ def test_ddp_step_equals_single_process_step():
         strategy="ddp_spawn",
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        enable_checkpointing=False,
         **QUIET,
     )
     trainer.fit(model, data)
@@ -206,7 +210,6 @@ def test_without_gather_ddp_step_differs_from_global_batch():
         strategy="ddp_spawn",
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        enable_checkpointing=False,
         **QUIET,
     )
     trainer.fit(model, data)
