@@ -1,6 +1,13 @@
 """LightningModules: each assembled from injected networks and losses."""
 
+from lightning_losses.modules.calibration import PostHocCalibration
 from lightning_losses.modules.classifier import OPLClassifier
 from lightning_losses.modules.schedulers import WarmupMultiStepLR
+from lightning_losses.modules.teacher import DiffusionTeacher
 
-__all__ = ["OPLClassifier", "WarmupMultiStepLR"]
+__all__ = [
+    "DiffusionTeacher",
+    "OPLClassifier",
+    "PostHocCalibration",
+    "WarmupMultiStepLR",
+]

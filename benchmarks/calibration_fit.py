@@ -1,0 +1,363 @@
+"""Time to fit a post-hoc calibrator on cached logits, and the authors' LBFGS recipe, on the CPU.
+
+1. Temperature scaling with ``fit_temperature`` (LBFGS with a strong-Wolfe line search on log T,
+   float64, at most 100 iterations): seconds per fit (median of repeats) and per NLL evaluation
+   (one forward and backward over all N x C logits; LBFGS evaluates several per iteration).
+2. ``CorrectnessAwareCalibrator`` (k = 4, 5 hidden units) trained with the CA loss: 1000 Adam
+   steps (lr 1e-3) on shuffled mini-batches of 1000 rows of the cached logits and of the V = 3
+   views' logits, in a plain loop (no Lightning, no DataLoader): seconds per fit and per step.
+3. The authors' temperature scaling: ``torch.optim.LBFGS(lr=0.01, max_iter=50)`` without a line
+   search, on T itself (initialised at 1.5, float32), one ``step`` as in their code, against
+   ``fit_temperature``, on the same data, whose logits are planted to be over-confident by
+   T = 2.5: the temperature each returns and its NLL.
+
+The data are synthetic "cached logits" (no classifier runs): true logits ``u = randn(N, C) +
+(log C + 1) * onehot(k)`` for a random class k per row, labels drawn from ``softmax(u)`` (so the
+argmax is right about 60% of the time), classifier logits ``z0 = 2.5 u`` (their NLL-optimal
+temperature is 2.5 up to sampling noise) and view logits ``2.5 (u + 0.5 randn)``.
+
+Grid: N in {10k, 50k} x C in {10, 1000}; ``--quick``: N = 10k only, 200 Adam steps, fewer repeats.
+
+Usage (from the repository root, with the project's virtual environment active)::
+
+    python benchmarks/calibration_fit.py            # about 6 minutes on a shared 2-core machine
+    python benchmarks/calibration_fit.py --quick    # under a minute
+
+Prints markdown tables preceded by the command, the date and the machine; writes no file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_losses.losses import correctness_aware_loss
+from lightning_losses.nets import CorrectnessAwareCalibrator, TemperatureScaling, fit_temperature
+
+PLANTED_T = 2.5
+NUM_VIEWS = 3
+VIEW_NOISE = 0.5
+INIT_T = 1.5
+
+
+@dataclass
+class CachedLogits:
+    logits: Tensor  # (N, C) float32: the classifier's logits of the original inputs
+    view_logits: Tensor  # (V, N, C) float32: the logits of the V transformed views
+    labels: Tensor  # (N,) int64
+
+    @property
+    def accuracy(self) -> float:
+        return (self.logits.argmax(dim=1) == self.labels).double().mean().item()
+
+
+def make_cached_logits(n: int, num_classes: int, seed: int = 0) -> CachedLogits:
+    """Synthetic cached logits over-confident by PLANTED_T (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    true_logits = torch.randn(n, num_classes, generator=generator)
+    rows = torch.arange(n)
+    likely = torch.randint(0, num_classes, (n,), generator=generator)
+    true_logits[rows, likely] += math.log(num_classes) + 1.0
+    labels = torch.multinomial(torch.softmax(true_logits, dim=1), 1, generator=generator).squeeze(1)
+    view_logits = torch.empty(NUM_VIEWS, n, num_classes)
+    for view in range(NUM_VIEWS):
+        noise = torch.randn(n, num_classes, generator=generator)
+        view_logits[view] = PLANTED_T * (true_logits + VIEW_NOISE * noise)
+    return CachedLogits(PLANTED_T * true_logits, view_logits, labels)
+
+
+def nll(logits: Tensor, labels: Tensor, temperature: float) -> float:
+    """Mean NLL of ``logits / temperature`` in float64."""
+    return F.cross_entropy(logits.double() / temperature, labels).item()
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Temperature scaling with fit_temperature
+# --------------------------------------------------------------------------------------------
+
+
+def strong_wolfe_counts(logits: Tensor, labels: Tensor) -> tuple[int, int, float]:
+    """``(iterations, NLL evaluations, T)`` of the fit that ``fit_temperature`` runs.
+
+    ``fit_temperature`` keeps its optimizer to itself, so this repeats its documented recipe
+    (LBFGS lr 1 with strong-Wolfe on ``TemperatureScaling.log_temperature``, float64, at most
+    100 iterations, from T = 1.5) and reads the counters LBFGS keeps in its state. The caller
+    checks that both fits reach the same T.
+    """
+    z = logits.double()
+    model = TemperatureScaling(INIT_T).double()
+    param = model.log_temperature
+    optimizer = torch.optim.LBFGS([param], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(z), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    state = optimizer.state[param]
+    return int(state["n_iter"]), int(state["func_evals"]), model.scalar_temperature().item()
+
+
+def bench_temperature_scaling(data: CachedLogits, repeats: int) -> dict:
+    seconds = []
+    temperature = math.nan
+    for _ in range(repeats):
+        elapsed, model = timed(lambda: fit_temperature(data.logits, data.labels))
+        seconds.append(elapsed)
+        temperature = model.scalar_temperature().item()
+    iterations, evaluations, replica_t = strong_wolfe_counts(data.logits, data.labels)
+    if abs(replica_t - temperature) > 1e-4:
+        raise RuntimeError(
+            f"the counting replica of fit_temperature reached T = {replica_t:.6f}, "
+            f"fit_temperature T = {temperature:.6f}: the counts would not describe its fit"
+        )
+    fit_s = statistics.median(seconds)
+    return {
+        "fit_s": fit_s,
+        "iterations": iterations,
+        "evaluations": evaluations,
+        "eval_ms": 1e3 * fit_s / evaluations,
+        "t": temperature,
+        "nll": nll(data.logits, data.labels, temperature),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The CA calibrator, trained with the CA loss
+# --------------------------------------------------------------------------------------------
+
+
+def train_ca_calibrator(
+    data: CachedLogits, steps: int, batch_size: int, seed: int = 0
+) -> tuple[float, float, CorrectnessAwareCalibrator]:
+    """``(seconds, last loss, calibrator)`` of ``steps`` Adam steps on shuffled mini-batches."""
+    torch.manual_seed(seed)
+    calibrator = CorrectnessAwareCalibrator(num_views=NUM_VIEWS, top_k=4, hidden=5)
+    optimizer = torch.optim.Adam(calibrator.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    n = data.labels.shape[0]
+    batch_size = min(batch_size, n)
+    order, position = torch.randperm(n, generator=generator), 0
+    loss = torch.tensor(math.nan)
+    start = time.perf_counter()
+    for _ in range(steps):
+        if position + batch_size > n:  # a new epoch: reshuffle, drop the incomplete batch
+            order, position = torch.randperm(n, generator=generator), 0
+        index = order[position : position + batch_size]
+        position += batch_size
+        optimizer.zero_grad(set_to_none=True)
+        calibrated = calibrator(data.logits[index], data.view_logits[:, index])
+        loss = correctness_aware_loss(calibrated, data.labels[index])
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start, loss.item(), calibrator
+
+
+def bench_ca_calibrator(data: CachedLogits, steps: int, batch_size: int) -> dict:
+    train_ca_calibrator(data, steps=min(20, steps), batch_size=batch_size)  # warm-up
+    seconds, last_loss, calibrator = train_ca_calibrator(data, steps, batch_size)
+    with torch.no_grad():
+        sample = slice(0, min(10_000, data.labels.shape[0]))
+        t = calibrator.temperature(data.logits[sample], data.view_logits[:, sample])
+    return {
+        "fit_s": seconds,
+        "step_ms": 1e3 * seconds / steps,
+        "loss": last_loss,
+        "median_t": t.median().item(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The authors' recipe: LBFGS on T without a line search
+# --------------------------------------------------------------------------------------------
+
+
+def fit_temperature_authors(logits: Tensor, labels: Tensor) -> tuple[float, int]:
+    """``(T, NLL evaluations)`` of LBFGS(lr=0.01, max_iter=50) on T, no line search, one step."""
+    temperature = nn.Parameter(torch.ones(1) * INIT_T)
+    optimizer = torch.optim.LBFGS([temperature], lr=0.01, max_iter=50)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / temperature, labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return temperature.item(), int(optimizer.state[temperature]["func_evals"])
+
+
+def bench_authors(data: CachedLogits) -> dict:
+    """One fit: it always runs its 50 iterations, and the T it returns is the point."""
+    elapsed, (temperature, evaluations) = timed(
+        lambda: fit_temperature_authors(data.logits, data.labels)
+    )
+    return {
+        "fit_s": elapsed,
+        "evaluations": evaluations,
+        "t": temperature,
+        "nll": nll(data.logits, data.labels, temperature),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = ", load average {:.1f} / {:.1f} / {:.1f} at the end".format(*os.getloadavg())
+    return (
+        f"{os.cpu_count()}-core CPU ({cpu}), shared with other jobs{load}; "
+        f"torch {torch.__version__} on the CPU, torch.set_num_threads({torch.get_num_threads()}), "
+        f"Python {platform.python_version()}"
+    )
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def speed_table(rows: list[dict], steps: int, batch_size: int) -> str:
+    lines = [
+        "| N | C | TS `fit_temperature`: s / fit | LBFGS iterations | NLL evaluations | "
+        f"ms / evaluation | CA calibrator: s / fit ({steps} Adam steps, batch {batch_size}) | "
+        "ms / step |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        ts, ca = row["ts"], row["ca"]
+        lines.append(
+            f"| {row['n']:,} | {row['c']:,} | {_seconds(ts['fit_s'])} | {ts['iterations']} | "
+            f"{ts['evaluations']} | {ts['eval_ms']:.1f} | {_seconds(ca['fit_s'])} | "
+            f"{ca['step_ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def planted_table(rows: list[dict]) -> str:
+    lines = [
+        "| N | C | accuracy | planted T | strong-Wolfe T | its NLL | s / fit | authors' "
+        "LBFGS T | its NLL | s / fit | their NLL evaluations |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        ts, authors = row["ts"], row["authors"]
+        lines.append(
+            f"| {row['n']:,} | {row['c']:,} | {row['accuracy']:.3f} | {PLANTED_T} | "
+            f"{ts['t']:.3f} | {ts['nll']:.4f} | {_seconds(ts['fit_s'])} | {authors['t']:.3f} | "
+            f"{authors['nll']:.4f} | {_seconds(authors['fit_s'])} | {authors['evaluations']} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N = 10k only, 200 Adam steps")
+    parser.add_argument("--steps", type=int, default=None, help="Adam steps (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="CA mini-batch (1000)")
+    parser.add_argument("--repeats", type=int, default=None, help="TS fits timed (median)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine two threads that wait for "
+        "each other made a small NLL evaluation ten times slower)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    sizes = [10_000] if args.quick else [10_000, 50_000]
+    classes = [10, 1000]
+    steps = args.steps if args.steps is not None else (200 if args.quick else 1000)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
+    if steps < 1 or repeats < 1 or args.batch_size < 1:
+        raise SystemExit("--steps, --repeats and --batch-size must be >= 1")
+
+    # A first fit on a small problem: one-off costs (allocator, kernels) stay out of the table.
+    warm = make_cached_logits(1000, 10, seed=args.seed)
+    fit_temperature(warm.logits, warm.labels)
+    fit_temperature_authors(warm.logits, warm.labels)
+
+    rows = []
+    started = time.perf_counter()
+    for n in sizes:
+        for c in classes:
+            data = make_cached_logits(n, c, seed=args.seed)
+            row = {"n": n, "c": c, "accuracy": data.accuracy}
+            row["ts"] = bench_temperature_scaling(data, repeats)
+            row["authors"] = bench_authors(data)
+            row["ca"] = bench_ca_calibrator(data, steps, args.batch_size)
+            rows.append(row)
+            print(
+                f"[N={n:,} C={c:,}] TS {row['ts']['fit_s']:.2f} s (T={row['ts']['t']:.3f}), "
+                f"authors {row['authors']['fit_s']:.2f} s (T={row['authors']['t']:.3f}), "
+                f"CA {row['ca']['fit_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            del data
+
+    command = "python " + shlex.join(sys.argv)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"Command: `{command}`  ")
+    print(f"Date: {date}  ")
+    print(f"Machine: {machine()}  ")
+    print(
+        f"Data: synthetic cached logits, V = {NUM_VIEWS} views, planted T = {PLANTED_T} (see the "
+        f"script's docstring); `fit_temperature` times are the median of {repeats} fits, the "
+        f"authors' LBFGS is timed once; total "
+        f"{time.perf_counter() - started:.0f} s.\n"
+    )
+    print(speed_table(rows, steps, args.batch_size))
+    print()
+    print(planted_table(rows))
+    print(
+        "\nTS: `fit_temperature` = LBFGS with strong-Wolfe on log T in float64 (the logits are "
+        "copied to float64 inside the fit, which the time includes). CA calibrator: a plain "
+        "loop that indexes the cached (N, C) and (V, N, C) tensors per step; the view softmax "
+        "over all C classes is recomputed in every step. Authors' LBFGS: lr 0.01, max_iter 50, "
+        "no line search, on T in float32, from T = 1.5."
+    )
+
+
+if __name__ == "__main__":
+    main()
