@@ -2,11 +2,14 @@
 
 from lightning_losses.modules.calibration import PostHocCalibration
 from lightning_losses.modules.classifier import OPLClassifier
+from lightning_losses.modules.distillation import DMDDistillation, OneStepDistillation
 from lightning_losses.modules.schedulers import WarmupMultiStepLR
 from lightning_losses.modules.teacher import DiffusionTeacher
 
 __all__ = [
+    "DMDDistillation",
     "DiffusionTeacher",
+    "OneStepDistillation",
     "OPLClassifier",
     "PostHocCalibration",
     "WarmupMultiStepLR",

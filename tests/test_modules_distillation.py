@@ -1,0 +1,538 @@
+"""OneStepDistillation / DMDDistillation: schedule, freezing, EL, EMA, checks, DDP, configs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_losses.cli import main
+from lightning_losses.diffusion import EDMPrecond, karras_sigmas, unet_for_images
+from lightning_losses.losses import EmbeddingLoss
+from lightning_losses.modules import DMDDistillation, OneStepDistillation
+from lightning_losses.modules.distillation import (
+    TEACHER_COMMAND,
+    GeneratorObjective,
+    load_teacher,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [
+    REPO / "configs/distillation/digits_dmd.yaml",
+    REPO / "configs/distillation/digits_dmd_el.yaml",
+]
+QUIET = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+
+
+class TinyImages(L.LightningDataModule):
+    """``num`` random 1x8x8 images in (-1, 1) with labels; module level so DDP can pickle it.
+
+    ``scale`` multiplies the images (> 1 leaves [-1, 1]); ``labels_only`` yields 1-D label
+    batches without images; ``channels`` sets the image channels.
+    """
+
+    def __init__(
+        self,
+        num: int = 32,
+        batch_size: int = 8,
+        scale: float = 1.0,
+        labels_only: bool = False,
+        channels: int = 1,
+    ) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.images = scale * torch.tanh(torch.randn(num, channels, 8, 8, generator=g))
+        self.labels = torch.arange(num) % 4
+        self.batch_size = batch_size
+        self.labels_only = labels_only
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.labels if self.labels_only else TensorDataset(self.images, self.labels)
+        return DataLoader(dataset, batch_size=self.batch_size)
+
+
+class SameWeightsDifferentNoise(L.Callback):
+    """Under DDP: the networks stay identical on every rank, the module's noise differs."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        sums = torch.stack(
+            [
+                torch.stack([p.detach().double().sum() for p in network.parameters()]).sum()
+                for network in (pl_module.generator, pl_module.fake_denoiser)
+            ]
+        )
+        gathered = trainer.strategy.all_gather(sums)  # (world, 2)
+        assert torch.equal(gathered[0], gathered[1]), gathered
+        noise = trainer.strategy.all_gather(pl_module.randn(8))
+        assert not torch.equal(noise[0], noise[1])
+
+
+def tiny_teacher(num_classes: int | None = None, channels: int = 1) -> EDMPrecond:
+    torch.manual_seed(0)
+    return EDMPrecond(unet_for_images(channels, 8, (8, 16), num_classes=num_classes)).eval()
+
+
+def dmd(teacher: EDMPrecond | None = None, **kwargs) -> DMDDistillation:
+    return DMDDistillation(teacher=tiny_teacher() if teacher is None else teacher, **kwargs)
+
+
+def fit(model: L.LightningModule, data: L.LightningDataModule, **trainer_kwargs) -> L.Trainer:
+    options = {**QUIET, "max_epochs": 1, **trainer_kwargs}
+    trainer = L.Trainer(**options)
+    trainer.fit(model, data)
+    return trainer
+
+
+def state(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def changed(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+class Recorder(L.Callback):
+    """Generator weights at the start and after every batch, and the step counters."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, Tensor] = {}
+        self.after: list[dict[str, Tensor]] = []
+        self.counters: list[tuple[int, int]] = []
+        self.metrics: list[dict[str, float]] = []
+        self.ema_at_start: dict[str, Tensor] = {}
+        self.counters_at_start: tuple[int, int] | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = state(pl_module.generator)
+        if pl_module.generator_ema is not None:
+            self.ema_at_start = state(pl_module.generator_ema)
+        self.counters_at_start = (int(pl_module.fake_steps), int(pl_module.generator_steps))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after.append(state(pl_module.generator))
+        self.counters.append((int(pl_module.fake_steps), int(pl_module.generator_steps)))
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+# ------------------------------------------------------------------------------------------
+# Construction
+
+
+def test_generator_and_fake_start_as_frozen_teacher_copies():
+    teacher = tiny_teacher()
+    model = dmd(teacher, el_weight=0.0)
+    reference = state(teacher)
+    for network in (model.generator, model.fake_denoiser, model.generator_ema):
+        assert_same(state(network), reference)
+        assert all(
+            p.data_ptr() not in {q.data_ptr() for q in teacher.parameters()}
+            for p in network.parameters()
+        )
+    assert all(p.requires_grad for p in model.generator.parameters())
+    assert all(p.requires_grad for p in model.fake_denoiser.parameters())
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    assert not any(p.requires_grad for p in model.generator_ema.parameters())
+    model.train()
+    assert not model.teacher.training and not model.generator_ema.training
+    assert model.generator.training and model.fake_denoiser.training
+    assert model.embedding_loss is None  # el_weight = 0 builds no EL module
+    assert model.generator_sigma == teacher.sigma_max == 80.0
+    # the DMD2 table: ascending Karras levels, the generator's 20..980 of 1000
+    table = model.sigma_table
+    expected = karras_sigmas(1000).flip(0).float()
+    torch.testing.assert_close(table, expected)
+    assert model.dm_index_range == (20, 980)
+
+
+def test_bad_construction_raises():
+    teacher = tiny_teacher()
+    wrong = EDMPrecond(unet_for_images(3, 8, (8, 16)))
+    with pytest.raises(ValueError, match="generator does not fit the teacher.*in_channels"):
+        DMDDistillation(teacher=teacher, generator=wrong)
+    with pytest.raises(ValueError, match="class_conditional=True but the teacher is uncond"):
+        DMDDistillation(teacher=teacher, class_conditional=True)
+    with pytest.raises(ValueError, match="set class_conditional=True"):
+        DMDDistillation(teacher=tiny_teacher(num_classes=4))
+    with pytest.raises(ValueError, match="num_classes=10"):
+        DMDDistillation(teacher=tiny_teacher(num_classes=4), class_conditional=True, num_classes=10)
+    with pytest.raises(ValueError, match="not both"):
+        DMDDistillation(teacher=teacher, teacher_path="somewhere")
+    with pytest.raises(ValueError, match="teacher must be"):
+        DMDDistillation(teacher=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="fake_updates_per_generator"):
+        DMDDistillation(teacher=teacher, fake_updates_per_generator=0)
+    with pytest.raises(ValueError, match="dm_index_range"):
+        DMDDistillation(teacher=teacher, dm_index_range=(20, 1000))
+    with pytest.raises(ValueError, match="el_weight"):
+        DMDDistillation(teacher=teacher, el_weight=-1.0)
+
+
+def test_missing_teacher_folder_names_the_teacher_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="digits_teacher.yaml"):
+        DMDDistillation(teacher_path=str(tmp_path / "nothing"))
+    assert "configs/distillation/digits_teacher.yaml" in TEACHER_COMMAND
+
+
+# ------------------------------------------------------------------------------------------
+# Training behaviour
+
+
+def test_teacher_never_changes_and_the_students_do():
+    L.seed_everything(0)
+    model = dmd(fake_updates_per_generator=1, el_weight=0.5, ema_decay=0.9)
+    teacher_before, fake_before = state(model.teacher), state(model.fake_denoiser)
+    generator_before, ema_before = state(model.generator), state(model.generator_ema)
+    fit(model, TinyImages(num=24), max_steps=6)  # 3 training steps, each 2 optimizer steps
+    assert_same(state(model.teacher), teacher_before)
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert not model.teacher.training
+    assert changed(state(model.generator), generator_before)
+    assert changed(state(model.fake_denoiser), fake_before)
+    assert changed(state(model.generator_ema), ema_before)
+
+
+def test_step_counters_follow_the_two_time_scale_schedule():
+    L.seed_everything(0)
+    model = dmd(fake_updates_per_generator=3)
+    recorder = Recorder()
+    trainer = fit(model, TinyImages(num=56), callbacks=[recorder])  # 7 training steps
+    # training step t updates the generator iff (t + 1) % 3 == 0: t = 2 and 5
+    assert recorder.counters == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 2), (7, 2)]
+    assert (int(model.fake_steps), int(model.generator_steps)) == (7, 2)
+    assert trainer.global_step == 9  # Lightning counts both optimizers' steps
+    # the generator moves only on its own steps
+    moved = [changed(a, b) for a, b in zip(recorder.after, [recorder.start] + recorder.after)]
+    assert moved == [False, False, True, False, False, True, False]
+
+
+def test_ema_after_k_updates_equals_the_closed_form():
+    L.seed_everything(0)
+    decay, k = 0.6, 3
+    model = dmd(fake_updates_per_generator=1, ema_decay=decay, el_weight=1.0)
+    recorder = Recorder()
+    fit(model, TinyImages(num=8 * k), callbacks=[recorder])
+    thetas = [recorder.start] + recorder.after
+    assert len(thetas) == k + 1 and changed(thetas[-1], thetas[0])
+    ema = state(model.generator_ema)
+    for name, value in ema.items():
+        expected = decay**k * thetas[0][name].double()
+        for j in range(1, k + 1):
+            expected += (1 - decay) * decay ** (k - j) * thetas[j][name].double()
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    # sample() uses the EMA, or the trained generator with use_ema=False
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        model.sample(3, generator=g), model.generate(z, None, model.generator_ema)
+    )
+    g = torch.Generator().manual_seed(1)
+    torch.testing.assert_close(
+        model.sample(3, generator=g, use_ema=False), model.generate(z).detach()
+    )
+
+
+def test_el_changes_only_the_generator_objective():
+    runs = {}
+    for weight in (0.0, 2.0):
+        L.seed_everything(0)
+        model = dmd(fake_updates_per_generator=1, el_weight=weight)
+        recorder = Recorder()
+        fit(model, TinyImages(num=8), callbacks=[recorder])  # one step: generator, then fake
+        runs[weight] = (model, recorder.metrics[-1])
+    (off, off_logs), (on, on_logs) = runs[0.0], runs[2.0]
+    assert off.embedding_loss is None and "train/loss_el" not in off_logs
+    assert isinstance(on.embedding_loss, EmbeddingLoss)
+    # the fake denoiser saw the same samples and noise: same loss, same weights
+    assert on_logs["train/loss_fake"] == off_logs["train/loss_fake"]
+    assert_same(state(on.fake_denoiser), state(off.fake_denoiser))
+    # the generator objective is the same base loss plus el_weight * EL
+    assert on_logs["train/loss_base"] == off_logs["train/loss_base"]
+    assert on_logs["train/loss_el"] > 0
+    expected = on_logs["train/loss_base"] + 2.0 * on_logs["train/loss_el"]
+    assert on_logs["train/loss_generator"] == pytest.approx(expected, rel=1e-6)
+    assert off_logs["train/loss_generator"] == off_logs["train/loss_base"]
+    assert changed(state(on.generator), state(off.generator))
+
+
+def test_output_gradient_norms_are_logged_every_n_generator_steps(monkeypatch):
+    L.seed_everything(0)
+    model = dmd(fake_updates_per_generator=1, el_weight=0.5, log_grad_norm_every=2)
+    calls = []
+    original = model.output_grad_norms
+
+    def spy(x, objective):
+        calls.append(int(model.generator_steps))
+        return original(x, objective)
+
+    monkeypatch.setattr(model, "output_grad_norms", spy)
+    recorder = Recorder()
+    fit(model, TinyImages(num=40), callbacks=[recorder])  # 5 generator steps
+    assert calls == [0, 2, 4]
+    logs = recorder.metrics[-1]
+    for key in ("train/grad_norm_base", "train/grad_norm_el", "train/grad_norm_ratio"):
+        assert math.isfinite(logs[key]), key
+    assert logs["train/grad_norm_el"] > 0
+    ratio = 0.5 * logs["train/grad_norm_el"] / logs["train/grad_norm_base"]
+    assert logs["train/grad_norm_ratio"] == pytest.approx(ratio, rel=1e-5)
+
+
+def test_output_gradient_norms_are_the_gradients_at_x():
+    model = dmd(el_weight=1.0)
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    base, el = (x**2).sum(), 3.0 * x.sum()
+    norms = model.output_grad_norms(x, GeneratorObjective(base + el, base, el, {}))
+    torch.testing.assert_close(norms["train/grad_norm_base"], (2 * x).detach().norm())
+    torch.testing.assert_close(
+        norms["train/grad_norm_el"], torch.tensor(3.0 * math.sqrt(x.numel()))
+    )
+    assert x.grad is None  # only measured, nothing accumulated
+
+
+def test_dmd_loss_matches_the_formula_on_the_module_noise():
+    model = dmd(el_weight=0.0)
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    model.seed_noise(5)
+    loss, _ = model.base_generator_loss(x, None)
+    model.seed_noise(5)
+    sigma = model.sample_dm_sigma(4)
+    assert bool(((sigma >= model.sigma_table[20]) & (sigma <= model.sigma_table[980])).all())
+    noisy = x.detach() + sigma.view(-1, 1, 1, 1) * model.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        real = model.teacher(noisy, sigma)
+        fake = model.fake_denoiser(noisy, sigma)
+    g = (fake - real) / (x.detach() - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(loss, 0.5 * (g**2).mean())
+    # fake == teacher at the start: no distribution-matching gradient yet
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.abs().max() == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Data checks
+
+
+def test_missing_real_batch_with_el_raises_and_without_el_runs():
+    L.seed_everything(0)
+    labels_only = TinyImages(num=16, labels_only=True)
+    with pytest.raises(ValueError, match="needs REAL images"):
+        fit(dmd(el_weight=1.0), labels_only, fast_dev_run=1)
+    model = dmd(el_weight=0.0, fake_updates_per_generator=1)
+    fit(model, labels_only, fast_dev_run=1)  # the batch gives only the sample count
+    assert (int(model.fake_steps), int(model.generator_steps)) == (1, 1)
+
+
+def test_real_data_outside_minus_one_one_or_of_wrong_shape_raises():
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        fit(dmd(el_weight=1.0), TinyImages(num=16, scale=3.0), fast_dev_run=1)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):  # also without EL: the data is wrong
+        fit(dmd(el_weight=0.0), TinyImages(num=16, scale=3.0), fast_dev_run=1)
+    with pytest.raises(ValueError, match="3 channels but the teacher takes 1"):
+        fit(dmd(el_weight=1.0), TinyImages(num=16, channels=3), fast_dev_run=1)
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer integration
+
+
+def test_fast_dev_run_class_conditional():
+    L.seed_everything(0)
+    teacher = tiny_teacher(num_classes=4)
+    model = DMDDistillation(
+        teacher=teacher,
+        num_classes=4,
+        class_conditional=True,
+        el_weight=0.1,
+        fake_updates_per_generator=1,
+    )
+    fit(model, TinyImages(num=16), fast_dev_run=True)
+    assert (int(model.fake_steps), int(model.generator_steps)) == (1, 1)
+    samples = model.sample(5, labels=torch.tensor([0, 1, 2, 3, 0]))
+    assert samples.shape == (5, 1, 8, 8) and torch.isfinite(samples).all()
+    assert model.sample(3).shape == (3, 1, 8, 8)  # uniform labels
+    with pytest.raises(ValueError, match="unconditional"):
+        dmd().sample(2, labels=torch.tensor([0, 1]))
+
+
+def test_bf16_mixed_steps_stay_finite():
+    L.seed_everything(0)
+    model = dmd(fake_updates_per_generator=1, el_weight=0.5, grad_clip=1.0, fake_grad_clip=1.0)
+    recorder = Recorder()
+    fit(model, TinyImages(num=24), precision="bf16-mixed", callbacks=[recorder])
+    assert int(model.generator_steps) == 3
+    for key, value in recorder.metrics[-1].items():
+        assert math.isfinite(value), key
+    for network in (model.generator, model.fake_denoiser, model.generator_ema):
+        assert all(
+            torch.isfinite(p).all() and p.dtype == torch.float32 for p in network.parameters()
+        )
+
+
+def test_ddp_spawn_two_processes_cpu():
+    L.seed_everything(0)
+    model = dmd(fake_updates_per_generator=2, el_weight=0.5)
+    before = state(model.generator)
+    trainer = L.Trainer(
+        **{**QUIET, "devices": 2},
+        strategy="ddp_spawn_find_unused_parameters_true",
+        max_epochs=1,
+        callbacks=[SameWeightsDifferentNoise()],
+    )
+    trainer.fit(model, TinyImages(num=32, batch_size=4))  # 4 steps on each rank
+    assert (int(model.fake_steps), int(model.generator_steps)) == (4, 2)
+    assert changed(state(model.generator), before)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss_fake"]))
+
+
+def test_checkpoint_resume_restores_counters_and_ema(tmp_path):
+    L.seed_everything(0)
+    model = dmd(fake_updates_per_generator=2, ema_decay=0.7)
+    trainer = fit(model, TinyImages(num=32))
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    saved_ema = state(model.generator_ema)
+    assert (int(model.fake_steps), int(model.generator_steps)) == (4, 2)
+
+    resumed = dmd(fake_updates_per_generator=2, ema_decay=0.7)
+    recorder = Recorder()
+    trainer = L.Trainer(**{**QUIET, "max_epochs": 2}, callbacks=[recorder])
+    trainer.fit(resumed, TinyImages(num=32), ckpt_path=path)
+    assert recorder.counters_at_start == (4, 2)
+    assert_same(recorder.ema_at_start, saved_ema)
+    assert recorder.counters[0] == (5, 2) and recorder.counters[1] == (6, 3)
+    assert (int(resumed.fake_steps), int(resumed.generator_steps)) == (8, 4)
+    assert trainer.global_step == 12
+
+
+# ------------------------------------------------------------------------------------------
+# Loading the teacher, configs
+
+
+def export_tiny_teacher(root: Path) -> EDMPrecond:
+    """The folder layout of ``DiffusionTeacher.save_pretrained``: unet/ + edm_config.json."""
+    teacher = tiny_teacher()
+    teacher.unet.save_pretrained(root / "unet", safe_serialization=True)
+    config = {
+        "_class_name": "EDMPrecond",
+        "sigma_data": 0.5,
+        "sigma_min": 0.002,
+        "sigma_max": 80.0,
+        "class_conditional": False,
+        "num_classes": None,
+        "in_channels": 1,
+        "sample_size": 8,
+    }
+    (root / "edm_config.json").write_text(json.dumps(config))
+    return teacher
+
+
+def test_teacher_path_loads_the_exported_teacher(tmp_path):
+    teacher = export_tiny_teacher(tmp_path / "export")
+    loaded = load_teacher(tmp_path / "export")
+    assert_same(state(loaded), state(teacher))
+    model = DMDDistillation(teacher_path=str(tmp_path / "export"))
+    assert_same(state(model.generator), state(teacher))
+    assert model.hparams.teacher_path == str(tmp_path / "export")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_configs_instantiate_with_a_tiny_teacher(config, tmp_path):
+    export_tiny_teacher(tmp_path / "export")
+    args = ["--config", str(config), f"--model.init_args.teacher_path={tmp_path / 'export'}"]
+    args += ["--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}"]
+    cli = main(args=args, run=False)
+    assert isinstance(cli.model, DMDDistillation)
+    assert cli.model.fake_updates_per_generator == 5
+    assert cli.datamodule.normalize == "symmetric" and cli.datamodule.image_size == 8
+    if config.name.endswith("_el.yaml"):
+        assert cli.model.el_weight > 0 and cli.model.embedding_loss is not None
+    else:
+        assert cli.model.el_weight == 0 and cli.model.embedding_loss is None
+
+
+def test_el_config_fits_through_the_cli_and_reloads_without_arguments(tmp_path):
+    export_tiny_teacher(tmp_path / "export")
+    main(
+        args=[
+            "fit",
+            "--config",
+            str(CONFIGS[1]),
+            f"--model.init_args.teacher_path={tmp_path / 'export'}",
+            "--model.init_args.fake_updates_per_generator=1",
+            "--data.init_args.batch_size=32",
+            "--trainer.max_steps=4",  # 2 training steps, 2 optimizer steps each
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    path = tmp_path / "ckpt" / "last.ckpt"
+    model = DMDDistillation.load_from_checkpoint(path)  # teacher and optimizers from the config
+    saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    assert_same(state(model), saved)
+    assert (int(model.fake_steps), int(model.generator_steps)) == (2, 2)
+    assert model.el_weight > 0 and model.embedding_loss is not None
+    assert isinstance(model.configure_optimizers()[0], torch.optim.AdamW)
+
+
+def test_the_two_configs_differ_only_in_el_weight():
+    plain, with_el = (yaml.safe_load(p.read_text()) for p in CONFIGS)
+    assert plain["data"] == with_el["data"]
+    assert plain["model"]["init_args"].pop("el_weight") == 0.0
+    assert with_el["model"]["init_args"].pop("el_weight") > 0
+    assert plain["model"] == with_el["model"]
+    assert plain["model"]["init_args"]["teacher_path"] == "runs/distillation/digits_teacher/export"
+    for section in ("max_steps", "precision"):
+        assert plain["trainer"].get(section) == with_el["trainer"].get(section)
+
+
+class ShrinkToZero(OneStepDistillation):
+    """A framework without a fake denoiser (like consistency distillation): loss mean(x^2)."""
+
+    uses_fake_denoiser = False
+
+    def base_generator_loss(self, x, labels):
+        return x.square().mean(), {"train/mean_square": x.detach().square().mean()}
+
+
+def test_base_class_hooks_for_a_framework_without_fake_denoiser():
+    L.seed_everything(0)
+    model = ShrinkToZero(teacher=tiny_teacher(), el_weight=0.5, fake_updates_per_generator=4)
+    assert model.fake_denoiser is None
+    assert isinstance(model.configure_optimizers(), torch.optim.AdamW)  # one optimizer
+    recorder = Recorder()
+    trainer = fit(model, TinyImages(num=24), callbacks=[recorder])
+    # without a fake denoiser every training step is a generator step
+    assert recorder.counters == [(0, 1), (0, 2), (0, 3)] and trainer.global_step == 3
+    logs = recorder.metrics[-1]
+    assert logs["train/loss_base"] == pytest.approx(logs["train/mean_square"])
+    expected = logs["train/loss_base"] + 0.5 * logs["train/loss_el"]
+    assert logs["train/loss_generator"] == pytest.approx(expected, rel=1e-6)
+    assert "train/loss_fake" not in logs
+    with pytest.raises(NotImplementedError):
+        OneStepDistillation(teacher=tiny_teacher()).base_generator_loss(
+            torch.zeros(2, 1, 8, 8), None
+        )
