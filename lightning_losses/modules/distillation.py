@@ -56,6 +56,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_losses.diffusion import Denoiser, karras_sigmas
+from lightning_losses.diffusion.checks import check_diffusion_images
 from lightning_losses.losses.distillation import dmd_loss, fake_denoiser_loss
 from lightning_losses.losses.embedding import EmbeddingLoss
 from lightning_losses.modules._hparams import save_config_hyperparameters
@@ -74,7 +75,6 @@ __all__ = [
 #: The command that trains and exports the digits teacher the distillation configs load.
 TEACHER_COMMAND = "lightning-losses fit --config configs/distillation/digits_teacher.yaml"
 #: Real images must lie in [-1, 1] up to this slack (interpolation and float rounding).
-RANGE_TOLERANCE = 1e-3
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
@@ -582,35 +582,14 @@ class OneStepDistillation(L.LightningModule):
         )
 
     def check_real_images(self, images: Tensor) -> None:
-        """Raise ValueError unless ``images`` fit the teacher (channels, size) and lie in [-1, 1].
-
-        Reads two scalars (a device synchronisation).
-        """
+        """Raise ValueError unless ``images`` fit the teacher's shape and lie in [-1, 1]."""
         channels, height, width = self.image_shape
-        if not images.is_floating_point():
-            raise ValueError(f"real images must be floating point, got dtype {images.dtype}")
-        if images.shape[1] != channels:
-            raise ValueError(
-                f"the real images have {images.shape[1]} channels but the teacher takes "
-                f"{channels}: the data and the teacher must match"
-            )
-        if tuple(images.shape[-2:]) != (height, width):
-            raise ValueError(
-                f"the real images are {tuple(images.shape[-2:])} but the teacher generates "
-                f"{(height, width)}: set the data's image size to the teacher's sample_size"
-            )
-        low, high = (float(v) for v in torch.aminmax(images.detach()))
-        if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-            raise ValueError(
-                f"real images must be scaled to [-1, 1] like the teacher's data, got values in "
-                f'[{low:.3g}, {high:.3g}]: use DigitsDataModule(normalize="symmetric") (or map '
-                "[0, 1] data with 2x - 1), not standardised images"
-            )
-        if low >= 0 and not self._range_warned:
+        looks_unscaled = check_diffusion_images(images, channels, (height, width), "real images")
+        if looks_unscaled and not self._range_warned:
             self._range_warned = True
             rank_zero_warn(
-                f"a real batch lies in [{low:.3g}, {high:.3g}], which looks like [0, 1] data; "
-                'the teacher expects [-1, 1] (normalize="symmetric")'
+                "a real batch lies in [0, 1], which looks like [0, 1] data; the teacher "
+                'expects [-1, 1] (normalize="symmetric")'
             )
 
     # --------------------------------------------------------------------------------------

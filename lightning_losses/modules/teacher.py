@@ -16,12 +16,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_losses.diffusion import EDMPrecond, edm_heun_sampler, edm_loss, unet_for_images
+from lightning_losses.diffusion.checks import check_diffusion_images
 from lightning_losses.modules._hparams import save_config_hyperparameters
 
 EDM_CONFIG_NAME = "edm_config.json"
 UNET_SUBFOLDER = "unet"
 # Data "in [-1, 1]" up to this slack (interpolation and float rounding).
-RANGE_TOLERANCE = 1e-3
 
 
 def _adam(params: Any) -> torch.optim.Optimizer:
@@ -231,36 +231,13 @@ class DiffusionTeacher(L.LightningModule):
         return (size, size) if isinstance(size, int) else tuple(size)
 
     def check_images(self, x: Tensor) -> None:
-        """Raise ValueError unless ``x`` is ``(B, C, H, W)`` at the UNet's shape, in [-1, 1].
-
-        Reads two scalars from ``x`` (a device synchronisation per call).
-        """
-        if not isinstance(x, Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"the images have {x.shape[1]} channels but the teacher's UNet takes "
-                f"{self.in_channels}: set in_channels (or the data) to match"
-            )
-        hw = self._image_hw()
-        if hw is not None and tuple(x.shape[-2:]) != hw:
-            raise ValueError(
-                f"the images are {tuple(x.shape[-2:])} but the teacher's UNet has sample_size "
-                f"{hw}: set the model's sample_size and the data's image size to the same value"
-            )
-        low, high = (float(v) for v in torch.aminmax(x.detach()))
-        if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
-            raise ValueError(
-                f"diffusion teachers work on images scaled to [-1, 1], got values in "
-                f'[{low:.3g}, {high:.3g}]: use DigitsDataModule(normalize="symmetric") (or '
-                "map your data with 2x - 1 from [0, 1]), not standardised images"
-            )
-        if low >= 0 and not self._range_warned:
+        """Raise ValueError unless ``x`` is ``(B, C, H, W)`` at the UNet's shape, in [-1, 1]."""
+        looks_unscaled = check_diffusion_images(x, self.in_channels, self._image_hw())
+        if looks_unscaled and not self._range_warned:
             self._range_warned = True
             rank_zero_warn(
-                f"a batch lies in [{low:.3g}, {high:.3g}], which looks like [0, 1] "
-                'data; diffusion teachers expect [-1, 1] (normalize="symmetric")'
+                "a batch lies in [0, 1], which looks like [0, 1] data; diffusion teachers "
+                'expect [-1, 1] (normalize="symmetric")'
             )
 
     def _labels(self, labels: Tensor | None) -> Tensor | None:
