@@ -479,6 +479,20 @@ def _eval_tensor(row: np.ndarray, mean, std) -> torch.Tensor:
     return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+def test_cifar10_symmetric_normalisation_for_diffusion(tmp_path, monkeypatch):
+    data, _ = _fake_cifar10(tmp_path, monkeypatch)
+    dm = CIFAR10DataModule(
+        root=str(tmp_path), num_workers=0, val_size=20, augment=False, normalize="symmetric"
+    )
+    dm.setup("fit")
+    x, _ = dm.train_dataset[0]
+    expected = _eval_tensor(data[dm.train_indices[0]], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert torch.allclose(x, expected, atol=1e-6)
+    assert x.min() >= -1 and x.max() <= 1
+    with pytest.raises(ValueError, match="normalize"):
+        CIFAR10DataModule(root=str(tmp_path), normalize="minmax")
+
+
 def test_cifar10_split_transforms_and_loaders(tmp_path, monkeypatch):
     data, labels = _fake_cifar10(tmp_path, monkeypatch)
     dm = CIFAR10DataModule(root=str(tmp_path), batch_size=8, num_workers=0, val_size=20, seed=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
@@ -40,6 +40,8 @@ class CIFARDataModule(ClassificationDataModule):
         val_size: number of training images held out for validation, stratified by class
             (5,000 in the OPL recipe; 0 trains on all 50k and validates on the test set).
         augment: apply the crop / flip augmentation to the training split.
+        normalize: ``"standard"`` (per-channel mean / std of the training set, for classifiers)
+            or ``"symmetric"`` (``2x - 1``, images in [-1, 1], for diffusion models).
     """
 
     _name: str = ""
@@ -57,15 +59,19 @@ class CIFARDataModule(ClassificationDataModule):
         seed: int = 0,
         val_size: int = 5000,
         augment: bool = True,
+        normalize: Literal["standard", "symmetric"] = "standard",
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
             raise ValueError(f"val_size must be an int >= 0, got {val_size!r}")
+        if normalize not in ("standard", "symmetric"):
+            raise ValueError(f'normalize must be "standard" or "symmetric", got {normalize!r}')
         self.save_hyperparameters()
         self.root = str(root)
         self.download = download
         self.val_size = val_size
         self.augment = augment
+        self.normalize = normalize
         self.train_indices: list[int] | None = None
         self.val_indices: list[int] | None = None
 
@@ -80,6 +86,13 @@ class CIFARDataModule(ClassificationDataModule):
     def _dataset_class(self) -> type:
         raise NotImplementedError
 
+    def _normalization(self) -> Any:
+        from torchvision import transforms as T
+
+        if self.normalize == "symmetric":
+            return T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        return T.Normalize(self.mean, self.std)
+
     def train_transform(self) -> Any:
         """Augmentation + ``ToTensor`` + ``Normalize`` for the training split."""
         from torchvision import transforms as T
@@ -87,14 +100,14 @@ class CIFARDataModule(ClassificationDataModule):
         steps: list[Any] = []
         if self.augment:
             steps += [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
-        steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
+        steps += [T.ToTensor(), self._normalization()]
         return T.Compose(steps)
 
     def eval_transform(self) -> Any:
         """``ToTensor`` + ``Normalize`` for validation and test."""
         from torchvision import transforms as T
 
-        return T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
+        return T.Compose([T.ToTensor(), self._normalization()])
 
     def _load(self, train: bool, transform: Any = None) -> Dataset:
         folder = os.path.join(self.root, self._folder)
