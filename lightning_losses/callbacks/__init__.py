@@ -2,5 +2,13 @@
 
 from lightning_losses.callbacks.calibration import CalibrationCallback
 from lightning_losses.callbacks.feature_geometry import FeatureGeometryCallback, cosine_geometry
+from lightning_losses.callbacks.fid import FIDCallback
+from lightning_losses.callbacks.sample_grid import SampleGridCallback
 
-__all__ = ["CalibrationCallback", "FeatureGeometryCallback", "cosine_geometry"]
+__all__ = [
+    "CalibrationCallback",
+    "FIDCallback",
+    "FeatureGeometryCallback",
+    "SampleGridCallback",
+    "cosine_geometry",
+]

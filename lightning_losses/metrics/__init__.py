@@ -39,6 +39,11 @@ if TYPE_CHECKING:
         NegativeLogLikelihood,
     )
     from lightning_losses.metrics.collection import calibration_collection
+    from lightning_losses.metrics.digits_fid import (
+        digits_fid_features,
+        digits_real_images,
+        frechet_distance,
+    )
     from lightning_losses.metrics.reliability import reliability_diagram
 
 _LAZY = {
@@ -48,6 +53,11 @@ _LAZY = {
     "CorrectnessAUROC": "calibration_metrics",
     "NegativeLogLikelihood": "calibration_metrics",
     "calibration_collection": "collection",
+    # digits_fid() itself is NOT re-exported: it shares its submodule's name, and
+    # lightning_losses.metrics.digits_fid must stay the module (import the function from it).
+    "digits_fid_features": "digits_fid",
+    "digits_real_images": "digits_fid",
+    "frechet_distance": "digits_fid",
     "reliability_diagram": "reliability",
 }
 
@@ -67,6 +77,9 @@ __all__ = [
     "classwise_calibration_error",
     "confidences_and_correct",
     "correctness_auroc",
+    "digits_fid_features",
+    "digits_real_images",
+    "frechet_distance",
     "negative_log_likelihood",
     "reliability_diagram",
     "uniform_bin_edges",
