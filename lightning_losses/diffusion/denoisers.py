@@ -520,7 +520,10 @@ class DiffusersEpsDenoiser(Denoiser):
                 f"{str(unet_dir)!r} holds a {unet_class}, but DiffusersEpsDenoiser wraps a "
                 "UNet2DModel"
             )
-        unet = diffusers.UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+        # low_cpu_mem_usage=False: the plain loader, without `accelerate` (and its notice).
+        unet = diffusers.UNet2DModel.from_pretrained(
+            unet_dir, local_files_only=True, low_cpu_mem_usage=False
+        )
         scheduler_config = json.loads(scheduler_file.read_text())
         scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
         if scheduler_class is None or not hasattr(scheduler_class, "from_config"):

@@ -21,8 +21,10 @@ estimate :math:`x`. Three networks take part, all :class:`~lightning_losses.diff
 three networks, the optional Embedding Loss (EL), the update schedule, step counters, gradient
 clipping, a generator-only EMA, sampling, the data checks and the logging. A subclass implements
 :meth:`OneStepDistillation.base_generator_loss` (and, with a fake denoiser,
-:meth:`OneStepDistillation.sample_fake_sigma`). :class:`DMDDistillation` is DMD2 without its GAN
-head.
+:meth:`OneStepDistillation.sample_fake_sigma`); a framework whose loss is not a function of the
+one-step samples (consistency distillation, a loss on noisy real images) sets
+``base_loss_uses_samples = False`` and overrides :meth:`OneStepDistillation.base_objective`
+instead. :class:`DMDDistillation` is DMD2 without its GAN head.
 
 The generator objective, ONE implementation for every framework
 (:meth:`OneStepDistillation.generator_objective`):
@@ -83,26 +85,66 @@ def _adamw(params: Any) -> torch.optim.Optimizer:
 
 
 def load_teacher(path: str | os.PathLike[str]) -> Denoiser:
-    """The teacher denoiser saved by ``DiffusionTeacher.save_pretrained`` (eval mode).
+    """The teacher denoiser in a LOCAL folder (eval mode; nothing is downloaded).
 
-    ``path`` is a local folder with ``unet/`` (a diffusers ``UNet2DModel``) and
-    ``edm_config.json``; :class:`~lightning_losses.modules.teacher.DiffusionTeacher` (imported
-    here, when called) reads it.
+    Three layouts are accepted:
+
+    - ``edm_config.json`` + ``unet/``: written by ``DiffusionTeacher.save_pretrained``, loaded
+      as an :class:`~lightning_losses.diffusion.EDMPrecond` by
+      :meth:`~lightning_losses.modules.teacher.DiffusionTeacher.from_pretrained`;
+    - a diffusers DDPM pipeline folder, ``model_index.json`` (optional) + ``unet/`` +
+      ``scheduler/`` (``DDPMPipeline.save_pretrained``, or a local copy of
+      ``google/ddpm-cifar10-32``), loaded as a
+      :class:`~lightning_losses.diffusion.DiffusersEpsDenoiser` (EDM sigma space,
+      :math:`\\sigma_t = \\sqrt{(1 - \\bar\\alpha_t) / \\bar\\alpha_t}`);
+    - a flat unet + scheduler pair, ``config.json`` + weights + ``scheduler_config.json`` side
+      by side, loaded the same way.
 
     Raises:
-        FileNotFoundError: when ``path`` does not exist; the message names the command that
-            trains and exports the digits teacher.
+        FileNotFoundError: when ``path`` does not exist or matches none of the layouts; the
+            message names the command that trains and exports the digits teacher and lists the
+            layouts.
+        ValueError: when ``path`` holds a distilled ``OneStepPipeline`` (a generator, not a
+            teacher), or a model other than a ``UNet2DModel``.
     """
     root = Path(path).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(
-            f"no teacher at {str(root)!r}. Train and export the digits teacher first: "
-            f"{TEACHER_COMMAND} (it writes runs/distillation/digits_teacher/export), or set "
-            "model.init_args.teacher_path to a folder written by DiffusionTeacher.save_pretrained"
-        )
-    from lightning_losses.modules.teacher import DiffusionTeacher
+    layouts = (
+        "accepted layouts: edm_config.json + unet/ (DiffusionTeacher.save_pretrained); a "
+        "diffusers DDPM pipeline folder, model_index.json + unet/ + scheduler/ (e.g. a local "
+        "copy of google/ddpm-cifar10-32); or config.json + scheduler_config.json side by side "
+        "(a flat unet + scheduler pair)"
+    )
+    hint = (
+        f"Train and export the digits teacher first: {TEACHER_COMMAND} (it writes "
+        "runs/distillation/digits_teacher/export), or set model.init_args.teacher_path to a "
+        f"local teacher folder; {layouts}"
+    )
+    if not root.is_dir():
+        raise FileNotFoundError(f"no teacher at {str(root)!r}. {hint}")
+    if (root / "edm_config.json").is_file():
+        from lightning_losses.modules.teacher import DiffusionTeacher
 
-    return DiffusionTeacher.from_pretrained(root)
+        return DiffusionTeacher.from_pretrained(root)
+    pipeline_index = root / "model_index.json"
+    is_pipeline = pipeline_index.is_file() or (
+        (root / "unet" / "config.json").is_file()
+        and (root / "scheduler" / "scheduler_config.json").is_file()
+    )
+    is_flat = (root / "config.json").is_file() and (root / "scheduler_config.json").is_file()
+    if not (is_pipeline or is_flat):
+        raise FileNotFoundError(f"{str(root)!r} holds no teacher I can read. {hint}")
+    if pipeline_index.is_file():
+        import json
+
+        pipeline_class = json.loads(pipeline_index.read_text()).get("_class_name")
+        if pipeline_class == "OneStepPipeline":
+            raise ValueError(
+                f"{str(root)!r} holds a distilled one-step generator (OneStepPipeline), not a "
+                "teacher: load it with lightning_losses.diffusion.OneStepPipeline.from_pretrained"
+            )
+    from lightning_losses.diffusion import DiffusersEpsDenoiser
+
+    return DiffusersEpsDenoiser.from_pretrained(root)
 
 
 def _shape(value: object) -> object:
@@ -171,12 +213,16 @@ class GeneratorObjective(NamedTuple):
         base: the framework's own loss (DMD, Diff-Instruct, consistency).
         el: the unweighted Embedding Loss, None when ``el_weight == 0``.
         logs: extra scalars the framework wants logged (name -> detached tensor).
+        base_output: the network output at which ``grad_norm_base`` is measured; None: the
+            generated x (DMD, Diff-Instruct). Consistency distillation gives its student's
+            output on noisy real images, as its loss does not depend on x.
     """
 
     loss: Tensor
     base: Tensor
     el: Tensor | None
     logs: dict[str, Tensor]
+    base_output: Tensor | None = None
 
 
 class OneStepDistillation(L.LightningModule):
@@ -236,14 +282,16 @@ class OneStepDistillation(L.LightningModule):
     generator step the L2 norms of the gradients with respect to the generator's output x
     (the whole batch) of the base loss, ``grad_norm_base``, and of the UNWEIGHTED EL,
     ``grad_norm_el``, with ``grad_norm_ratio = el_weight * grad_norm_el / grad_norm_base`` (the
-    share of EL in the generator's update: choose ``el_weight`` with it). Lightning's loggers
+    share of EL in the generator's update: choose ``el_weight`` with it; a framework that is
+    not a loss of x measures ``grad_norm_base`` at its own network output, see
+    :meth:`base_objective`). Lightning's loggers
     repeat a step metric's last value at the steps that did not log it, so the generator's
     metrics show plateaus between generator steps (``train/generator_steps`` tells them apart).
 
     Args:
         teacher: the teacher denoiser (a :class:`~lightning_losses.diffusion.Denoiser`).
-        teacher_path: a folder written by ``DiffusionTeacher.save_pretrained`` (when
-            ``teacher`` is None).
+        teacher_path: a local folder read by :func:`load_teacher` (when ``teacher`` is None):
+            one written by ``DiffusionTeacher.save_pretrained`` or a diffusers DDPM pipeline.
         generator: the generator's initial network; None: a copy of the teacher.
         num_classes: number of classes (linked from the data module by the CLI).
         class_conditional: generate class-conditionally (the teacher must be conditional).
@@ -269,6 +317,9 @@ class OneStepDistillation(L.LightningModule):
 
     #: Whether the framework trains a fake denoiser (DMD, Diff-Instruct) or not (consistency).
     uses_fake_denoiser: ClassVar[bool] = True
+    #: Whether the base loss is a loss of the one-step samples x (DMD, Diff-Instruct). When
+    #: False (consistency: a loss on noisy REAL images) x is generated only for EL.
+    base_loss_uses_samples: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -314,7 +365,8 @@ class OneStepDistillation(L.LightningModule):
         if teacher is None and teacher_path is None:
             raise ValueError(
                 "give the teacher: teacher (a Denoiser) or teacher_path (a folder written by "
-                f"DiffusionTeacher.save_pretrained; for digits: {TEACHER_COMMAND})"
+                "DiffusionTeacher.save_pretrained or a local diffusers DDPM pipeline; for "
+                f"digits: {TEACHER_COMMAND})"
             )
         save_config_hyperparameters(
             self,
@@ -499,6 +551,22 @@ class OneStepDistillation(L.LightningModule):
         """The framework's generator loss of samples x (with gradient) and extra logs."""
         raise NotImplementedError
 
+    def base_objective(
+        self,
+        x: Tensor | None,
+        labels: Tensor | None,
+        real: Tensor | None,
+        real_labels: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """The base loss of a generator step, its logs, and where ``grad_norm_base`` is taken.
+
+        Default: :meth:`base_generator_loss` of the generated x, measured at x (the third item
+        None). A framework whose loss is not a function of x (``base_loss_uses_samples =
+        False``; x is then None unless EL is on) overrides this and returns its network output.
+        """
+        base, logs = self.base_generator_loss(x, labels)
+        return base, logs, None
+
     def sample_fake_sigma(self, n: int) -> Tensor:
         """``(n,)`` noise levels at which the fake denoiser is trained."""
         raise NotImplementedError
@@ -518,23 +586,24 @@ class OneStepDistillation(L.LightningModule):
 
     def generator_objective(
         self,
-        x: Tensor,
+        x: Tensor | None,
         real: Tensor | None,
         labels: Tensor | None = None,
         real_labels: Tensor | None = None,
     ) -> GeneratorObjective:
-        """``base_generator_loss(x) + el_weight * EL(x, real)`` (EL only when el_weight > 0).
+        """``base + el_weight * EL(x, real)`` (EL only when el_weight > 0), the base from
+        :meth:`base_objective` (:meth:`base_generator_loss` of x by default).
 
         Raises:
             ValueError: when ``el_weight > 0`` and ``real`` is None.
         """
-        base, logs = self.base_generator_loss(x, labels)
+        base, logs, base_output = self.base_objective(x, labels, real, real_labels)
         if self.embedding_loss is None:
-            return GeneratorObjective(base, base, None, logs)
+            return GeneratorObjective(base, base, None, logs, base_output)
         if real is None:
             raise ValueError(self._missing_real_message())
         el = self.embedding_term(x, real, labels, real_labels)
-        return GeneratorObjective(base + self.el_weight * el, base, el, logs)
+        return GeneratorObjective(base + self.el_weight * el, base, el, logs, base_output)
 
     def fake_objective(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """EDM-weighted loss of the fake denoiser on detached samples x, sigma from
@@ -553,16 +622,22 @@ class OneStepDistillation(L.LightningModule):
         denoised = self.fake_denoiser(noisy, sigma, labels)
         return fake_denoiser_loss(denoised, x, sigma, self.sigma_data)
 
-    def output_grad_norms(self, x: Tensor, objective: GeneratorObjective) -> dict[str, Tensor]:
-        """L2 norms of d(base)/dx and d(EL)/dx over the batch (graph retained), and their ratio."""
-        terms = {"train/grad_norm_base": objective.base}
+    def output_grad_norms(
+        self, x: Tensor | None, objective: GeneratorObjective
+    ) -> dict[str, Tensor]:
+        """L2 norms of d(base)/dx and d(EL)/dx over the batch (graph retained), and their ratio.
+
+        The base term is measured at ``objective.base_output`` when it is set (x otherwise).
+        """
+        base_at = x if objective.base_output is None else objective.base_output
+        terms = {"train/grad_norm_base": (objective.base, base_at)}
         if objective.el is not None:
-            terms["train/grad_norm_el"] = objective.el
+            terms["train/grad_norm_el"] = (objective.el, x)
         norms = {}
-        for name, term in terms.items():
-            (grad,) = torch.autograd.grad(term, x, retain_graph=True, allow_unused=True)
+        for name, (term, at) in terms.items():
+            (grad,) = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)
             norms[name] = (
-                torch.zeros((), device=x.device) if grad is None else grad.detach().float().norm()
+                torch.zeros((), device=at.device) if grad is None else grad.detach().float().norm()
             )
         if objective.el is not None:
             base_norm = norms["train/grad_norm_base"].clamp_min(torch.finfo(torch.float32).tiny)
@@ -615,7 +690,7 @@ class OneStepDistillation(L.LightningModule):
     def _generator_update(
         self,
         optimizer: Any,
-        x: Tensor,
+        x: Tensor | None,
         real: RealBatch,
         labels: Tensor | None,
     ) -> dict[str, Tensor]:
@@ -669,10 +744,18 @@ class OneStepDistillation(L.LightningModule):
             )
         generator_optimizer, fake_optimizer = self._optimizers()
         generator_step = self.is_generator_step()
-        z = self.randn(n, *self.image_shape)
-        labels = self.sample_labels(n)
-        with torch.set_grad_enabled(generator_step):
-            x = self.generate(z, labels)
+        x = labels = None
+        # The one-step samples feed the base loss, the fake denoiser and EL; a framework that
+        # uses none of them (consistency distillation without EL) skips that generator forward.
+        if (
+            self.base_loss_uses_samples
+            or self.fake_denoiser is not None
+            or self.embedding_loss is not None
+        ):
+            z = self.randn(n, *self.image_shape)
+            labels = self.sample_labels(n)
+            with torch.set_grad_enabled(generator_step):
+                x = self.generate(z, labels)
         logs: dict[str, Tensor] = {}
         if generator_step:
             logs.update(self._generator_update(generator_optimizer, x, real, labels))
@@ -710,6 +793,59 @@ class OneStepDistillation(L.LightningModule):
         if self.fake_denoiser is None:
             return generator_optimizer
         return [generator_optimizer, self.fake_optimizer(self.fake_denoiser.parameters())]
+
+    # --------------------------------------------------------------------------------------
+    # Export
+
+    def to_pipeline(self, use_ema: bool = True, copy_weights: bool = True) -> Any:
+        """The generator as a :class:`~lightning_losses.diffusion.pipelines.OneStepPipeline`.
+
+        ``pipeline(batch_size=n, generator=g, output_type="pt").images`` equals
+        ``self.sample(n, generator=g, use_ema=use_ema)`` for equally seeded ``g``: the same
+        draws (z, then labels) and :math:`x = D_G(\\sigma_g z; \\sigma_g, c)`.
+
+        Args:
+            use_ema: the EMA generator (when there is one; else the trained generator, as
+                :meth:`sample`).
+            copy_weights: give the pipeline its own copy of the UNet (default), so that moving
+                or changing it leaves this module alone; False shares the weights.
+
+        Raises:
+            ValueError: when the generator is not an ``EDMPrecond`` or ``DiffusersEpsDenoiser``
+                around a diffusers ``UNet2DModel``.
+        """
+        from lightning_losses.diffusion.pipelines import one_step_pipeline_from_denoiser
+
+        network = self.generator_ema if use_ema and self.generator_ema is not None else None
+        network = self.generator if network is None else network
+        return one_step_pipeline_from_denoiser(
+            network, self.generator_sigma, copy_weights=copy_weights
+        )
+
+    def save_pretrained(self, path: str | os.PathLike[str], use_ema: bool = True) -> Path:
+        """Write the generator as a diffusers pipeline folder and return the folder.
+
+        Layout (``DiffusionPipeline.save_pretrained``): ``model_index.json`` (the class
+        ``OneStepPipeline``, the parameterization "edm" or "eps", :math:`\\sigma_g`, EDM's
+        ``sigma_data`` / ``sigma_min`` / ``sigma_max`` or the DDPM ``prediction_type``,
+        ``num_classes``), ``unet/`` (config + safetensors weights) and, for a generator
+        distilled from a DDPM teacher, ``scheduler/``. Reload it, offline, with
+        ``OneStepPipeline.from_pretrained(path)``; it samples what :meth:`sample` does for the
+        same ``torch.Generator`` seed.
+
+        Args:
+            path: the folder (created if missing).
+            use_ema: save the EMA generator (when there is one; else the trained generator).
+
+        Raises:
+            ValueError: when the generator is not an ``EDMPrecond`` or ``DiffusersEpsDenoiser``
+                around a diffusers ``UNet2DModel``.
+        """
+        root = Path(path).expanduser()
+        pipeline = self.to_pipeline(use_ema=use_ema, copy_weights=False)
+        root.mkdir(parents=True, exist_ok=True)
+        pipeline.save_pretrained(root, safe_serialization=True)
+        return root
 
 
 class DMDDistillation(OneStepDistillation):
