@@ -27,8 +27,20 @@ Fake denoiser loss: the EDM-weighted denoising loss on DETACHED generator sample
     \\lambda(\\sigma) = \\frac{1}{\\sigma^2} + \\frac{1}{\\sigma_{data}^2}
         = \\frac{\\sigma^2 + \\sigma_{data}^2}{(\\sigma\\, \\sigma_{data})^2}.
 
-Both compute in at least float32 with autocast disabled (bf16 / fp16 inputs are upcast; float64
-stays float64). Diff-Instruct and consistency losses are not here yet.
+Diff-Instruct's generator loss (Luo et al. 2023; ``training/di_loss.py`` of
+github.com/pkulwj1994/diff_instruct), with the same two denoisers at a level
+:math:`\\sigma \\sim \\mathrm{LogNormal}(-1.2, 1.2)`:
+
+.. math::
+
+    L_{DI} = \\frac{1}{B} \\sum_{b,c,h,w} \\mathrm{sg}\\big(D_{fake}(x_t) - D_{real}(x_t)\\big)
+        \\odot x, \\qquad \\frac{\\partial L_{DI}}{\\partial x} = \\frac{D_{fake} - D_{real}}{B},
+
+no normalisation by :math:`\\lvert x - D_{real} \\rvert` (unlike DMD) and NaN / inf entries of
+the difference set to 0 (as in DMD).
+
+All compute in at least float32 with autocast disabled (bf16 / fp16 inputs are upcast; float64
+stays float64).
 """
 
 from __future__ import annotations
@@ -38,7 +50,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["dmd_gradient", "dmd_loss", "edm_loss_weight", "fake_denoiser_loss"]
+__all__ = [
+    "diff_instruct_loss",
+    "dmd_gradient",
+    "dmd_loss",
+    "edm_loss_weight",
+    "fake_denoiser_loss",
+]
 
 
 def _shape(value: object) -> object:
@@ -108,6 +126,47 @@ def dmd_loss(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) -> Tensor:
         xf = x.to(g.dtype)
         target = (xf - g).detach()
         return 0.5 * torch.mean((xf - target) ** 2)
+
+
+def diff_instruct_loss(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) -> Tensor:
+    """Diff-Instruct's generator loss: ``sum(sg(denoised_fake - denoised_real) * x) / B``.
+
+    With :math:`\\delta = D_{fake}(x_t) - D_{real}(x_t)` (no gradient; NaN / inf entries -> 0,
+    as :func:`dmd_loss` does),
+
+    .. math::
+
+        L_{DI} = \\frac{1}{B} \\sum_{b,c,h,w} \\delta_{bchw}\\, x_{bchw}, \\qquad
+        \\frac{\\partial L_{DI}}{\\partial x} = \\frac{\\delta}{B}.
+
+    Since the score is :math:`(D - x_t) / \\sigma^2`, :math:`\\delta = \\sigma^2
+    (s_{fake} - s_{real})`: a gradient step on x follows :math:`s_{real} - s_{fake}`, the
+    Integral-KL direction with weight :math:`\\sigma^2` on the score difference (the
+    reference's ``weight = 1.0`` on denoiser differences). The value itself is not a divergence
+    (it can be negative); only its gradient matters.
+
+    Args:
+        x: (B, ...) generator samples, with gradient (the only input that gets one).
+        denoised_real: the teacher's denoised estimate of the noisy x, same shape.
+        denoised_fake: the fake denoiser's estimate of the same noisy x, same shape.
+
+    Returns:
+        A 0-d tensor in at least float32 (autocast disabled). An entry where the difference is
+        NaN / inf contributes 0 to the value and to the gradient.
+
+    Raises:
+        ValueError: for non-float, unbatched or empty inputs, or shapes that differ.
+    """
+    _check_batch("x", x)
+    _check_same_shape("x", x, "denoised_real", denoised_real)
+    _check_same_shape("x", x, "denoised_fake", denoised_fake)
+    dtype = _working_dtype(x, denoised_real, denoised_fake)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.no_grad():
+            delta = denoised_fake.detach().to(dtype) - denoised_real.detach().to(dtype)
+            # divided before the product, so that the gradient is exactly delta / B
+            direction = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0) / x.shape[0]
+        return (direction * x.to(dtype)).sum()
 
 
 def edm_loss_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:

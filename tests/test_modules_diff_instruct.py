@@ -1,0 +1,557 @@
+"""Diff-Instruct: the generator loss against its formula, DiffInstructDistillation's noise levels,
+1:1 schedule, EL, precision, DDP, and the configs."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_losses.cli import main
+from lightning_losses.datamodules import CIFAR10DataModule
+from lightning_losses.diffusion import DiffusersEpsDenoiser, EDMPrecond, unet_for_images
+from lightning_losses.losses import EmbeddingLoss, diff_instruct_loss
+from lightning_losses.modules import DiffInstructDistillation, DiffusionTeacher
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_CONFIGS = [
+    REPO / "configs/distillation/digits_di.yaml",
+    REPO / "configs/distillation/digits_di_el.yaml",
+]
+CIFAR_CONFIG = REPO / "configs/distillation/cifar10_di_el.yaml"
+QUIET = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures (module level: DDP pickles them)
+
+
+class TinyImages(L.LightningDataModule):
+    """``num`` random 1x8x8 images in (-1, 1) with labels."""
+
+    def __init__(self, num: int = 32, batch_size: int = 8) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.tanh(torch.randn(num, 1, 8, 8, generator=g))
+        self.labels = torch.arange(num) % 4
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size)
+
+
+class SameWeightsAcrossRanks(L.Callback):
+    """Under DDP: generator and fake denoiser identical on every rank, the noise different."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        sums = torch.stack(
+            [
+                torch.stack([p.detach().double().sum() for p in network.parameters()]).sum()
+                for network in (pl_module.generator, pl_module.fake_denoiser)
+            ]
+        )
+        gathered = trainer.strategy.all_gather(sums)  # (world, 2)
+        assert torch.equal(gathered[0], gathered[1]), gathered
+        noise = trainer.strategy.all_gather(pl_module.randn(8))
+        assert not torch.equal(noise[0], noise[1])
+
+
+class Recorder(L.Callback):
+    """Generator weights at the start and after every batch, counters and logged metrics."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, Tensor] = {}
+        self.after: list[dict[str, Tensor]] = []
+        self.counters: list[tuple[int, int]] = []
+        self.metrics: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = state(pl_module.generator)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after.append(state(pl_module.generator))
+        self.counters.append((int(pl_module.fake_steps), int(pl_module.generator_steps)))
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def tiny_teacher(sigma_min: float = 0.002, sigma_max: float = 80.0) -> EDMPrecond:
+    torch.manual_seed(0)
+    unet = unet_for_images(1, 8, (8, 16))
+    return EDMPrecond(unet, sigma_min=sigma_min, sigma_max=sigma_max).eval()
+
+
+def di(teacher: EDMPrecond | None = None, **kwargs) -> DiffInstructDistillation:
+    return DiffInstructDistillation(
+        teacher=tiny_teacher() if teacher is None else teacher, **kwargs
+    )
+
+
+def fit(model: L.LightningModule, data: L.LightningDataModule, **trainer_kwargs) -> L.Trainer:
+    trainer = L.Trainer(**{**QUIET, "max_epochs": 1, **trainer_kwargs})
+    trainer.fit(model, data)
+    return trainer
+
+
+def state(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def changed(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def _batch(shape=(3, 2, 4, 5), seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.rand(shape, generator=g, dtype=dtype) * 2 - 1 for _ in range(3))
+
+
+def _loss_by_hand(x: Tensor, real: Tensor, fake: Tensor) -> float:
+    """The reference value, one element at a time in Python floats."""
+    total = 0.0
+    for b, c, h, w in torch.cartesian_prod(*(torch.arange(n) for n in x.shape)).tolist():
+        total += (float(fake[b, c, h, w]) - float(real[b, c, h, w])) * float(x[b, c, h, w])
+    return total / x.shape[0]
+
+
+# ------------------------------------------------------------------------------------------
+# diff_instruct_loss
+
+
+def test_loss_value_and_gradient_match_the_formula_in_float64():
+    x, real, fake = _batch()
+    x.requires_grad_()
+    loss = diff_instruct_loss(x, real, fake)
+    assert loss.dtype == torch.float64 and loss.ndim == 0
+    assert float(loss.detach()) == pytest.approx(_loss_by_hand(x.detach(), real, fake), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.equal(grad, (fake - real) / x.shape[0])  # exactly, elementwise
+
+
+def test_loss_gradient_reaches_x_only_and_does_not_depend_on_x():
+    x, real, fake = _batch()
+    for t in (x, real, fake):
+        t.requires_grad_()
+    diff_instruct_loss(x, real, fake).backward()
+    assert real.grad is None and fake.grad is None
+    # the gradient is the stop-gradient difference: the same for any other x
+    other = (3 * x.detach() + 1).requires_grad_()
+    diff_instruct_loss(other, real, fake).backward()
+    assert torch.equal(other.grad, x.grad)
+
+
+def test_loss_nan_and_inf_differences_contribute_zero():
+    x, real, fake = _batch()
+    fake[0, 0, 0, 0] = float("nan")
+    real[1, 1, 2, 3] = float("inf")
+    fake[2, 0, 1, 1] = float("-inf")
+    x.requires_grad_()
+    loss = diff_instruct_loss(x, real, fake)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    bad = torch.zeros_like(x, dtype=torch.bool)
+    bad[0, 0, 0, 0] = bad[1, 1, 2, 3] = bad[2, 0, 1, 1] = True
+    assert (x.grad[bad] == 0).all()
+    expected = torch.where(bad, torch.zeros_like(x), (fake - real) / x.shape[0])
+    assert torch.equal(x.grad, expected)
+    clean = torch.where(bad, torch.zeros_like(x), fake - real)
+    assert float(loss.detach()) == pytest.approx(float((clean * x.detach()).sum() / 3), rel=1e-12)
+
+
+def test_loss_computes_in_float32_under_bf16_autocast():
+    x, real, fake = (t.float() for t in _batch())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = diff_instruct_loss(x, real, fake)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, diff_instruct_loss(x, real, fake), rtol=0, atol=0)
+    xb = x.bfloat16().requires_grad_()
+    loss = diff_instruct_loss(xb, real.bfloat16(), fake.bfloat16())
+    assert loss.dtype == torch.float32
+    expected = ((fake.bfloat16().float() - real.bfloat16().float()) * xb.float()).sum() / 3
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert xb.grad.dtype == torch.bfloat16
+
+
+def test_loss_rejects_bad_inputs():
+    x, real, fake = _batch()
+    with pytest.raises(ValueError, match="denoised_real has shape"):
+        diff_instruct_loss(x, real[:, :1], fake)
+    with pytest.raises(ValueError, match="denoised_fake has shape"):
+        diff_instruct_loss(x, real, fake[:2])
+    with pytest.raises(ValueError, match=r"x must be a batched tensor of shape \(B, ...\)"):
+        diff_instruct_loss(x[0, 0, 0, 0], real, fake)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        diff_instruct_loss(x.long(), real, fake)
+    with pytest.raises(ValueError, match="at least one sample"):
+        diff_instruct_loss(x[:0], real[:0], fake[:0])
+
+
+# ------------------------------------------------------------------------------------------
+# DiffInstructDistillation: construction and noise levels
+
+
+def test_defaults_are_the_references():
+    model = di()
+    assert model.fake_updates_per_generator == 1
+    assert model.generator_sigma == 1.0 and (model.p_mean, model.p_std) == (-1.2, 1.2)
+    assert model.grad_clip is None and model.fake_grad_clip is None
+    generator_opt, fake_opt = model.configure_optimizers()
+    for opt in (generator_opt, fake_opt):
+        assert type(opt) is torch.optim.Adam
+        assert opt.defaults["betas"] == (0.0, 0.999) and opt.defaults["weight_decay"] == 0
+    assert {id(p) for g in generator_opt.param_groups for p in g["params"]} == {
+        id(p) for p in model.generator.parameters()
+    }
+    for kwargs, match in (
+        ({"p_std": -0.1}, "p_std"),
+        ({"p_std": float("inf")}, "p_std"),
+        ({"p_mean": float("nan")}, "p_mean"),
+        ({"p_mean": "a"}, "p_mean"),
+        ({"el_weight": -1.0}, "el_weight"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            di(**kwargs)
+
+
+def test_noise_levels_are_lognormal_before_clamping():
+    model = di()
+    model.seed_noise(0)
+    n = 200_000
+    log_sigma = model.sample_fake_sigma(n).double().log()
+    # EDM's range [0.002, 80] is 4.2 / 4.6 standard deviations away: clamping is negligible
+    assert abs(float(log_sigma.mean()) + 1.2) < 0.02  # standard error 1.2 / sqrt(n) = 0.003
+    assert abs(float(log_sigma.std()) - 1.2) < 0.02
+    generator_levels = model.sample_generator_sigma(n).double().log()
+    assert abs(float(generator_levels.mean()) + 1.2) < 0.02
+    assert abs(float(generator_levels.std()) - 1.2) < 0.02
+    # p_mean / p_std are honoured
+    other = di(p_mean=0.5, p_std=0.3)
+    other.seed_noise(0)
+    log_other = other.sample_sigma(n).double().log()
+    assert abs(float(log_other.mean()) - 0.5) < 0.01 and abs(float(log_other.std()) - 0.3) < 0.01
+
+
+def test_noise_levels_are_clamped_into_the_teachers_range():
+    low, high = 0.1, 1.0
+    model = di(tiny_teacher(sigma_min=low, sigma_max=high))
+    model.seed_noise(1)
+    n = 200_000
+    for sigma in (model.sample_fake_sigma(n), model.sample_generator_sigma(n)):
+        assert sigma.dtype == torch.float32 and sigma.shape == (n,)
+        assert float(sigma.min()) == pytest.approx(low) and float(sigma.max()) == pytest.approx(
+            high
+        )
+        normal = torch.distributions.Normal(-1.2, 1.2)
+        below = float(normal.cdf(torch.tensor(math.log(low))))  # 0.179
+        above = 1 - float(normal.cdf(torch.tensor(math.log(high))))  # 0.159
+        assert float((sigma == torch.tensor(low)).double().mean()) == pytest.approx(below, abs=0.01)
+        assert float((sigma == torch.tensor(high)).double().mean()) == pytest.approx(
+            above, abs=0.01
+        )
+
+
+def test_generator_loss_matches_the_formula_on_the_module_noise():
+    model = di()
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    model.seed_noise(5)
+    loss, logs = model.base_generator_loss(x, None)
+    assert logs == {}
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.abs().max() == 0  # fake == teacher at the start: no Diff-Instruct gradient yet
+
+    with torch.no_grad():  # move the fake denoiser away from the teacher
+        for p in model.fake_denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.seed_noise(5)
+    loss, _ = model.base_generator_loss(x, None)
+    model.seed_noise(5)
+    sigma = model.sample_generator_sigma(4)
+    noisy = x.detach() + sigma.view(-1, 1, 1, 1) * model.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        real = model.teacher(noisy, sigma)
+        fake = model.fake_denoiser(noisy, sigma)
+    torch.testing.assert_close(loss, ((fake - real) * x.detach()).sum() / 4)
+    (grad,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(grad, (fake - real) / 4, rtol=0, atol=0)
+    assert grad.abs().max() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is None for p in model.fake_denoiser.parameters())
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+
+
+def test_one_to_one_schedule_moves_every_network_every_step():
+    L.seed_everything(0)
+    model = di(ema_decay=0.9)
+    teacher_before, fake_before = state(model.teacher), state(model.fake_denoiser)
+    ema_before = state(model.generator_ema)
+    recorder = Recorder()
+    trainer = fit(model, TinyImages(num=40), callbacks=[recorder])  # 5 training steps
+    assert recorder.counters == [(n, n) for n in range(1, 6)]
+    assert (int(model.fake_steps), int(model.generator_steps)) == (5, 5)
+    assert trainer.global_step == 10  # Lightning counts both optimizers' steps
+    # the generator is updated before the fake denoiser: at the first step the fake denoiser is
+    # still the teacher, the Diff-Instruct gradient is exactly 0 and Adam leaves it in place
+    moved = [changed(a, b) for a, b in zip(recorder.after, [recorder.start] + recorder.after)]
+    assert moved == [False, True, True, True, True]
+    assert changed(state(model.fake_denoiser), fake_before)
+    assert changed(state(model.generator_ema), ema_before)
+    assert_same(state(model.teacher), teacher_before)
+    logs = recorder.metrics[-1]
+    for key in ("train/loss_fake", "train/loss_generator", "train/loss_base"):
+        assert math.isfinite(logs[key]), key
+
+
+def test_el_changes_only_the_generator_objective():
+    # the objective itself: same x, same noise, EL on vs off
+    teacher = tiny_teacher()
+    off, on = di(teacher, el_weight=0.0), di(teacher, el_weight=2.5)
+    real = torch.tanh(torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    with torch.no_grad():  # a fake denoiser that differs from the teacher, the same in both
+        for p_off, p_on in zip(off.fake_denoiser.parameters(), on.fake_denoiser.parameters()):
+            p_off.add_(0.05 * torch.randn_like(p_off))
+            p_on.copy_(p_off)
+    off.seed_noise(7)
+    on.seed_noise(7)
+    objective_off = off.generator_objective(x, real)
+    objective_on = on.generator_objective(x, real)
+    assert objective_off.el is None and objective_on.el is not None
+    assert torch.equal(objective_on.base, objective_off.base)
+    el = on.embedding_term(x, real)
+    torch.testing.assert_close(objective_on.loss - objective_off.loss, 2.5 * el)
+    (grad_on,) = torch.autograd.grad(objective_on.loss, x)
+    (grad_off,) = torch.autograd.grad(objective_off.loss, x)
+    (grad_el,) = torch.autograd.grad(el, x)
+    torch.testing.assert_close(grad_on - grad_off, 2.5 * grad_el)
+
+    # a training step from the same state: the fake denoiser's update is the same
+    runs = {}
+    for weight in (0.0, 2.0):
+        L.seed_everything(0)
+        model = di(el_weight=weight)
+        recorder = Recorder()
+        fit(model, TinyImages(num=8), callbacks=[recorder])  # one step: generator, then fake
+        runs[weight] = (model, recorder.metrics[-1])
+    (m_off, logs_off), (m_on, logs_on) = runs[0.0], runs[2.0]
+    assert isinstance(m_on.embedding_loss, EmbeddingLoss) and m_off.embedding_loss is None
+    assert logs_on["train/loss_fake"] == logs_off["train/loss_fake"]
+    assert_same(state(m_on.fake_denoiser), state(m_off.fake_denoiser))
+    assert logs_on["train/loss_base"] == logs_off["train/loss_base"]
+    assert logs_on["train/loss_generator"] - logs_off["train/loss_generator"] == pytest.approx(
+        2.0 * logs_on["train/loss_el"], rel=1e-5
+    )
+    assert changed(state(m_on.generator), state(m_off.generator))
+
+
+def test_fast_dev_run():
+    L.seed_everything(0)
+    model = di(el_weight=0.5)
+    fit(model, TinyImages(num=16), fast_dev_run=True)
+    assert (int(model.fake_steps), int(model.generator_steps)) == (1, 1)
+    samples = model.sample(5)
+    assert samples.shape == (5, 1, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_bf16_mixed_steps_stay_finite():
+    L.seed_everything(0)
+    model = di(el_weight=0.5, log_grad_norm_every=1)
+    recorder = Recorder()
+    fit(model, TinyImages(num=24), precision="bf16-mixed", callbacks=[recorder])
+    assert (int(model.fake_steps), int(model.generator_steps)) == (3, 3)
+    for logs in recorder.metrics:
+        for key, value in logs.items():
+            assert math.isfinite(value), key
+    for network in (model.generator, model.fake_denoiser, model.generator_ema):
+        assert all(
+            torch.isfinite(p).all() and p.dtype == torch.float32 for p in network.parameters()
+        )
+
+
+def test_ddp_spawn_two_processes_cpu():
+    L.seed_everything(0)
+    model = di(el_weight=0.5)
+    before = state(model.generator)
+    trainer = L.Trainer(
+        **{**QUIET, "devices": 2},
+        strategy="ddp_spawn_find_unused_parameters_true",
+        max_epochs=1,
+        callbacks=[SameWeightsAcrossRanks()],
+    )
+    trainer.fit(model, TinyImages(num=24, batch_size=4))  # 3 steps on each rank
+    assert (int(model.fake_steps), int(model.generator_steps)) == (3, 3)
+    assert changed(state(model.generator), before)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss_fake"]))
+
+
+# ------------------------------------------------------------------------------------------
+# Configs
+
+
+def export_tiny_teacher(root: Path, channels: int = 1, size: int = 8) -> Path:
+    """A tiny EDM teacher in the layout of the digits configs' ``teacher_path``."""
+    torch.manual_seed(0)
+    teacher = DiffusionTeacher(in_channels=channels, sample_size=size, channels=(8, 16))
+    return teacher.save_pretrained(root)
+
+
+def _cli_args(config: Path, teacher: Path, tmp_path: Path) -> list[str]:
+    return [
+        "--config",
+        str(config),
+        f"--model.init_args.teacher_path={teacher}",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+
+
+@pytest.mark.parametrize("config", DIGITS_CONFIGS, ids=lambda p: p.name)
+def test_digits_configs_instantiate_with_a_tiny_teacher(config, tmp_path):
+    teacher = export_tiny_teacher(tmp_path / "export")
+    cli = main(args=_cli_args(config, teacher, tmp_path), run=False)
+    model = cli.model
+    assert isinstance(model, DiffInstructDistillation)
+    assert model.fake_updates_per_generator == 1
+    assert (model.p_mean, model.p_std) == (-1.2, 1.2)
+    generator_opt, fake_opt = model.configure_optimizers()
+    for opt in (generator_opt, fake_opt):
+        assert type(opt) is torch.optim.Adam and opt.defaults["betas"] == (0.0, 0.999)
+    assert cli.datamodule.normalize == "symmetric" and cli.datamodule.image_size == 8
+    # 1:1 updates: max_steps counts two optimizer steps per training (= generator) step
+    assert cli.trainer.max_steps % 2 == 0
+    if config.name.endswith("_el.yaml"):
+        assert model.el_weight > 0 and model.embedding_loss is not None
+    else:
+        assert model.el_weight == 0 and model.embedding_loss is None
+
+
+def test_the_two_digits_configs_differ_only_in_el_weight_and_run_names():
+    plain, with_el = (yaml.safe_load(p.read_text()) for p in DIGITS_CONFIGS)
+    assert plain["data"] == with_el["data"]
+    assert plain["model"]["init_args"].pop("el_weight") == 0.0
+    assert with_el["model"]["init_args"].pop("el_weight") > 0
+    assert plain["model"] == with_el["model"]
+    assert plain["model"]["init_args"]["teacher_path"] == "runs/distillation/digits_teacher/export"
+    for key in ("max_steps", "precision", "accelerator", "devices"):
+        assert plain["trainer"].get(key) == with_el["trainer"].get(key)
+    # as many generator steps as the DMD digits config (1200 = 1000 fake + 200 generator)
+    dmd = yaml.safe_load((REPO / "configs/distillation/digits_dmd.yaml").read_text())
+    k = dmd["model"]["init_args"]["fake_updates_per_generator"]  # k fake + 1 generator steps
+    dmd_generator_steps = dmd["trainer"]["max_steps"] // (k + 1)
+    assert plain["trainer"]["max_steps"] // 2 == dmd_generator_steps
+
+
+def test_el_config_fits_through_the_cli_and_reloads(tmp_path):
+    teacher = export_tiny_teacher(tmp_path / "export")
+    main(
+        args=[
+            "fit",
+            *_cli_args(DIGITS_CONFIGS[1], teacher, tmp_path),
+            "--data.init_args.batch_size=32",
+            "--trainer.max_steps=4",  # 2 training steps, 2 optimizer steps each
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    path = tmp_path / "ckpt" / "last.ckpt"
+    model = DiffInstructDistillation.load_from_checkpoint(path)
+    saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    assert_same(state(model), saved)
+    assert (int(model.fake_steps), int(model.generator_steps)) == (2, 2)
+    assert model.el_weight > 0 and (model.p_mean, model.p_std) == (-1.2, 1.2)
+
+
+def test_cifar10_config_has_the_papers_settings():
+    config = yaml.safe_load(CIFAR_CONFIG.read_text())
+    model = config["model"]
+    assert model["class_path"] == "lightning_losses.modules.DiffInstructDistillation"
+    args = model["init_args"]
+    assert args["teacher_path"] == "data/ddpm-cifar10-32"
+    assert args["fake_updates_per_generator"] == 1 and args["el_weight"] > 0
+    for name in ("generator_optimizer", "fake_optimizer"):
+        assert args[name]["class_path"] == "torch.optim.Adam"
+        assert args[name]["init_args"]["lr"] == 1e-5
+        assert args[name]["init_args"]["betas"] == [0.0, 0.999]
+    assert config["trainer"]["precision"] == "bf16-mixed"
+    data = config["data"]
+    assert data["class_path"] == "lightning_losses.datamodules.CIFAR10DataModule"
+    assert data["init_args"]["batch_size"] == 128
+    callbacks = {c["class_path"]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
+    fid = callbacks["lightning_losses.callbacks.FIDCallback"]
+    assert (fid["feature"], fid["num_samples"], fid["every_n_steps"], fid["real"]) == (
+        2048,
+        10000,
+        5000,
+        "train",
+    )
+    grid = callbacks["lightning_losses.callbacks.SampleGridCallback"]
+    assert (grid["num_samples"], grid["every_n_steps"]) == (64, 1000)
+
+
+HAS_NORMALIZE = "normalize" in inspect.signature(CIFAR10DataModule.__init__).parameters
+
+
+def test_cifar10_config_instantiates_with_a_tiny_ddpm_teacher(tmp_path):
+    """Everything built (run=False) with a tiny DDPM pipeline folder as the teacher.
+
+    FIDCallback(feature=2048) fetches the Inception weights when built (no network here), so a
+    copy of the config gives it an nn.Flatten; the rest is the file's.
+    """
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = unet_for_images(3, 8, (8, 16))
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(
+        tmp_path / "ddpm"
+    )
+    config = yaml.safe_load(CIFAR_CONFIG.read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("FIDCallback"):
+            callback["init_args"]["feature"] = {"class_path": "torch.nn.Flatten"}
+    if not HAS_NORMALIZE:  # until CIFAR10DataModule has the option
+        del config["data"]["init_args"]["normalize"]
+    (tmp_path / "cifar.yaml").write_text(yaml.safe_dump(config))
+    args = _cli_args(tmp_path / "cifar.yaml", tmp_path / "ddpm", tmp_path)
+    args += [f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.init_args.root={tmp_path}"]
+    cli = main(args=args, run=False)
+    model = cli.model
+    assert isinstance(model, DiffInstructDistillation)
+    assert isinstance(model.teacher, DiffusersEpsDenoiser)
+    assert model.image_shape == (3, 8, 8) and model.generator_sigma == 1.0
+    generator_opt, fake_opt = model.configure_optimizers()
+    for opt in (generator_opt, fake_opt):
+        assert opt.defaults["lr"] == 1e-5 and opt.defaults["betas"] == (0.0, 0.999)
+    # the DDPM table's range: every level of both losses inside it
+    model.seed_noise(0)
+    sigma = model.sample_sigma(10_000)
+    teacher = model.teacher
+    low, high = (torch.tensor(s).float() for s in (teacher.sigma_min, teacher.sigma_max))
+    assert bool((sigma >= low).all() and (sigma <= high).all())
+    assert cli.trainer.precision == "bf16-mixed"
+    if HAS_NORMALIZE:
+        assert cli.datamodule.normalize == "symmetric"  # the teacher takes [-1, 1] images
