@@ -9,7 +9,13 @@ from lightning_losses.losses.calibration import (
     correctness_aware_loss,
     correctness_weights,
 )
+from lightning_losses.losses.consistency import (
+    consistency_distance,
+    consistency_loss,
+    pseudo_huber_c,
+)
 from lightning_losses.losses.distillation import (
+    diff_instruct_loss,
     dmd_gradient,
     dmd_loss,
     fake_denoiser_loss,
@@ -43,6 +49,10 @@ __all__ = [
     "EmbeddingLoss",
     "EmbeddingLossOutput",
     "mmd2",
+    "diff_instruct_loss",
+    "consistency_distance",
+    "consistency_loss",
+    "pseudo_huber_c",
     "dmd_gradient",
     "dmd_loss",
     "fake_denoiser_loss",
