@@ -384,6 +384,10 @@ def test_bf16_mixed_steps_stay_finite():
     assert (int(model.fake_steps), int(model.generator_steps)) == (3, 3)
     for logs in recorder.metrics:
         for key, value in logs.items():
+            if key == "train/grad_norm_ratio" and logs["train/grad_norm_base"] == 0.0:
+                # Step 0, fake denoiser == teacher: zero DI gradient, the ratio is undefined.
+                assert math.isnan(value)
+                continue
             assert math.isfinite(value), key
     for network in (model.generator, model.fake_denoiser, model.generator_ema):
         assert all(
@@ -393,7 +397,8 @@ def test_bf16_mixed_steps_stay_finite():
 
 def test_ddp_spawn_two_processes_cpu():
     L.seed_everything(0)
-    model = di(el_weight=0.5)
+    # The automatic EL weight reduces its gradient norms over the ranks (one weight for all).
+    model = di(el_weight=0.5, el_weight_mode="auto")
     before = state(model.generator)
     trainer = L.Trainer(
         **{**QUIET, "devices": 2},

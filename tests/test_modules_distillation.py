@@ -275,15 +275,49 @@ def test_el_changes_only_the_generator_objective():
     assert changed(state(on.generator), state(off.generator))
 
 
+def test_auto_el_weight_holds_the_gradient_ratio():
+    """el_weight_mode="auto": lambda = r * |d base/dx| / |d EL/dx|, no gradient through it."""
+    L.seed_everything(0)
+    model = dmd(fake_updates_per_generator=1, el_weight=0.3, el_weight_mode="auto")
+    with torch.no_grad():  # move the fake denoiser off the teacher: a non-zero DMD gradient
+        for p in model.fake_denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.seed_noise(0)
+    z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = model.generate(z)
+    real = torch.tanh(torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2)))
+    objective = model.generator_objective(x, real)
+    (g_base,) = torch.autograd.grad(objective.base, x, retain_graph=True)
+    (g_el,) = torch.autograd.grad(objective.el, x, retain_graph=True)
+    weight = objective.logs["train/el_weight"]
+    assert not weight.requires_grad
+    assert float(weight) == pytest.approx(0.3 * float(g_base.norm() / g_el.norm()), rel=1e-5)
+    (g_total,) = torch.autograd.grad(objective.loss, x)
+    torch.testing.assert_close(g_total, g_base + weight * g_el)
+    assert float((weight * g_el).norm() / g_base.norm()) == pytest.approx(0.3, rel=1e-5)
+    assert float(objective.logs["train/grad_norm_ratio"]) == pytest.approx(0.3, rel=1e-5)
+
+
+def test_auto_el_weight_in_training_logs_the_held_ratio():
+    L.seed_everything(0)
+    model = dmd(fake_updates_per_generator=2, el_weight=0.5, el_weight_mode="auto")
+    recorder = Recorder()
+    fit(model, TinyImages(num=48), callbacks=[recorder])  # 3 generator steps
+    ratios = [m["train/grad_norm_ratio"] for m in recorder.metrics if "train/el_weight" in m]
+    assert ratios and all(r == pytest.approx(0.5, rel=1e-4) for r in ratios)
+    with pytest.raises(ValueError, match="el_weight_mode"):
+        dmd(el_weight=0.5, el_weight_mode="adaptive")
+
+
 def test_output_gradient_norms_are_logged_every_n_generator_steps(monkeypatch):
     L.seed_everything(0)
     model = dmd(fake_updates_per_generator=1, el_weight=0.5, log_grad_norm_every=2)
     calls = []
     original = model.output_grad_norms
 
-    def spy(x, objective):
+    def spy(x, objective, weight=None):
         calls.append(int(model.generator_steps))
-        return original(x, objective)
+        return original(x, objective, weight)
 
     monkeypatch.setattr(model, "output_grad_norms", spy)
     recorder = Recorder()
@@ -380,7 +414,12 @@ def test_bf16_mixed_steps_stay_finite():
     recorder = Recorder()
     fit(model, TinyImages(num=24), precision="bf16-mixed", callbacks=[recorder])
     assert int(model.generator_steps) == 3
-    for key, value in recorder.metrics[-1].items():
+    metrics = dict(recorder.metrics[-1])
+    # Logged at generator step 0, where the fake denoiser is still the teacher: the DMD
+    # gradient is exactly 0, so the EL / base ratio is undefined (NaN), not a huge number.
+    assert metrics.pop("train/grad_norm_base") == 0.0
+    assert math.isnan(metrics.pop("train/grad_norm_ratio"))
+    for key, value in metrics.items():
         assert math.isfinite(value), key
     for network in (model.generator, model.fake_denoiser, model.generator_ema):
         assert all(

@@ -31,7 +31,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -138,6 +138,7 @@ class ConsistencyDistillation(OneStepDistillation):
         el_weight: float = 0.0,
         embedding_loss: nn.Module | None = None,
         el_seed: int = 0,
+        el_weight_mode: Literal["fixed", "auto"] = "fixed",
         generator_batch_size: int | None = None,
         generator_optimizer: OptimizerCallable = _radam,
         grad_clip: float | None = None,
@@ -206,6 +207,7 @@ class ConsistencyDistillation(OneStepDistillation):
             el_weight=el_weight,
             embedding_loss=embedding_loss,
             el_seed=el_seed,
+            el_weight_mode=el_weight_mode,
             generator_batch_size=generator_batch_size,
             generator_optimizer=generator_optimizer,
             grad_clip=grad_clip,

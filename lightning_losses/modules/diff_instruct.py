@@ -52,6 +52,7 @@ base.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -119,6 +120,7 @@ class DiffInstructDistillation(OneStepDistillation):
         el_weight: float = 0.0,
         embedding_loss: nn.Module | None = None,
         el_seed: int = 0,
+        el_weight_mode: Literal["fixed", "auto"] = "fixed",
         fake_updates_per_generator: int = 1,
         generator_batch_size: int | None = None,
         generator_optimizer: OptimizerCallable = _adam_zero_beta,
@@ -148,6 +150,7 @@ class DiffInstructDistillation(OneStepDistillation):
             el_weight=el_weight,
             embedding_loss=embedding_loss,
             el_seed=el_seed,
+            el_weight_mode=el_weight_mode,
             fake_updates_per_generator=fake_updates_per_generator,
             generator_batch_size=generator_batch_size,
             generator_optimizer=generator_optimizer,

@@ -49,7 +49,7 @@ import copy
 import math
 import os
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -295,7 +295,14 @@ class OneStepDistillation(L.LightningModule):
         generator: the generator's initial network; None: a copy of the teacher.
         num_classes: number of classes (linked from the data module by the CLI).
         class_conditional: generate class-conditionally (the teacher must be conditional).
-        el_weight: :math:`\\lambda_{EL}` >= 0; 0 turns EL off.
+        el_weight: :math:`\\lambda_{EL}` >= 0; 0 turns EL off. With ``el_weight_mode="auto"``
+            the target ratio :math:`r` of the automatic weight instead.
+        el_weight_mode: ``"fixed"`` (:math:`\\lambda_{EL}` = ``el_weight``) or ``"auto"`` (OUR
+            option, not the paper's): every generator step
+            :math:`\\lambda_{EL} = r \\lVert\\nabla \\mathcal{L}_{base}\\rVert /
+            \\lVert\\nabla_x \\mathrm{EL}\\rVert` (no gradient through it; norms averaged over
+            ranks), so that EL's share of the generator's update is held at ``r`` whatever the
+            framework's loss scale; one ``r`` serves DMD, Diff-Instruct and CM.
         embedding_loss: the EL module (called as ``(generated, real, generated_labels,
             real_labels)`` and returning an object with ``.loss`` or a tensor); None: the
             default bank. Only used (and built) when ``el_weight > 0``.
@@ -331,6 +338,7 @@ class OneStepDistillation(L.LightningModule):
         el_weight: float = 0.0,
         embedding_loss: nn.Module | None = None,
         el_seed: int = 0,
+        el_weight_mode: Literal["fixed", "auto"] = "fixed",
         fake_updates_per_generator: int = 1,
         generator_batch_size: int | None = None,
         generator_optimizer: OptimizerCallable = _adamw,
@@ -343,6 +351,8 @@ class OneStepDistillation(L.LightningModule):
         sigma_data: float | None = None,
     ) -> None:
         super().__init__()
+        if el_weight_mode not in ("fixed", "auto"):
+            raise ValueError(f'el_weight_mode must be "fixed" or "auto", got {el_weight_mode!r}')
         if not (isinstance(el_weight, int | float) and math.isfinite(el_weight) and el_weight >= 0):
             raise ValueError(f"el_weight must be a finite float >= 0, got {el_weight!r}")
         if isinstance(fake_updates_per_generator, bool) or fake_updates_per_generator < 1:
@@ -412,6 +422,7 @@ class OneStepDistillation(L.LightningModule):
         self.num_classes = teacher.num_classes if class_conditional else num_classes
         self.class_conditional = bool(class_conditional)
         self.el_weight = float(el_weight)
+        self.el_weight_mode = el_weight_mode
         self.fake_updates_per_generator = int(fake_updates_per_generator)
         self.generator_batch_size = generator_batch_size
         self.generator_optimizer = generator_optimizer
@@ -603,7 +614,23 @@ class OneStepDistillation(L.LightningModule):
         if real is None:
             raise ValueError(self._missing_real_message())
         el = self.embedding_term(x, real, labels, real_labels)
-        return GeneratorObjective(base + self.el_weight * el, base, el, logs, base_output)
+        if self.el_weight_mode == "fixed":
+            return GeneratorObjective(base + self.el_weight * el, base, el, logs, base_output)
+        objective = GeneratorObjective(base, base, el, logs, base_output)
+        norms = self.output_grad_norms(x, objective, weight=1.0)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # One weight on every rank: the mean of the ranks' norms.
+            for name in ("train/grad_norm_base", "train/grad_norm_el"):
+                norms[name] = self.trainer.strategy.reduce(norms[name], reduce_op="mean")
+        el_norm = norms["train/grad_norm_el"]
+        weight = torch.where(
+            el_norm > 0,
+            self.el_weight * norms["train/grad_norm_base"] / el_norm.clamp_min(1e-30),
+            torch.zeros_like(el_norm),
+        ).detach()
+        norms["train/grad_norm_ratio"] = weight * el_norm / norms["train/grad_norm_base"]
+        logs = {**logs, **norms, "train/el_weight": weight}
+        return GeneratorObjective(base + weight * el, base, el, logs, base_output)
 
     def fake_objective(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """EDM-weighted loss of the fake denoiser on detached samples x, sigma from
@@ -623,11 +650,14 @@ class OneStepDistillation(L.LightningModule):
         return fake_denoiser_loss(denoised, x, sigma, self.sigma_data)
 
     def output_grad_norms(
-        self, x: Tensor | None, objective: GeneratorObjective
+        self, x: Tensor | None, objective: GeneratorObjective, weight: float | None = None
     ) -> dict[str, Tensor]:
         """L2 norms of d(base)/dx and d(EL)/dx over the batch (graph retained), and their ratio.
 
         The base term is measured at ``objective.base_output`` when it is set (x otherwise).
+        ``grad_norm_ratio = weight * grad_norm_el / grad_norm_base`` (``weight``: ``el_weight``
+        when None); it is NaN when the base gradient is exactly 0 (e.g. Diff-Instruct's first
+        step, before the fake denoiser has moved away from the teacher).
         """
         base_at = x if objective.base_output is None else objective.base_output
         terms = {"train/grad_norm_base": (objective.base, base_at)}
@@ -640,9 +670,10 @@ class OneStepDistillation(L.LightningModule):
                 torch.zeros((), device=at.device) if grad is None else grad.detach().float().norm()
             )
         if objective.el is not None:
-            base_norm = norms["train/grad_norm_base"].clamp_min(torch.finfo(torch.float32).tiny)
-            norms["train/grad_norm_ratio"] = (
-                self.el_weight * norms["train/grad_norm_el"] / base_norm
+            weight = self.el_weight if weight is None else weight
+            base_norm = norms["train/grad_norm_base"]
+            norms["train/grad_norm_ratio"] = torch.where(
+                base_norm > 0, weight * norms["train/grad_norm_el"] / base_norm, float("nan")
             )
         return norms
 
@@ -705,7 +736,8 @@ class OneStepDistillation(L.LightningModule):
         }
         if objective.el is not None:
             logs["train/loss_el"] = objective.el.detach()
-        if self.log_grad_norm_every and step % self.log_grad_norm_every == 0:
+        due = self.log_grad_norm_every and step % self.log_grad_norm_every == 0
+        if due and "train/grad_norm_base" not in logs:  # the auto weight logs them already
             logs.update(self.output_grad_norms(x, objective))
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(objective.loss)
@@ -900,6 +932,7 @@ class DMDDistillation(OneStepDistillation):
         el_weight: float = 0.0,
         embedding_loss: nn.Module | None = None,
         el_seed: int = 0,
+        el_weight_mode: Literal["fixed", "auto"] = "fixed",
         fake_updates_per_generator: int = 5,
         generator_batch_size: int | None = None,
         generator_optimizer: OptimizerCallable = _adamw,
@@ -925,6 +958,7 @@ class DMDDistillation(OneStepDistillation):
             el_weight=el_weight,
             embedding_loss=embedding_loss,
             el_seed=el_seed,
+            el_weight_mode=el_weight_mode,
             fake_updates_per_generator=fake_updates_per_generator,
             generator_batch_size=generator_batch_size,
             generator_optimizer=generator_optimizer,
