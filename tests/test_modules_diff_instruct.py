@@ -459,7 +459,7 @@ def test_the_two_digits_configs_differ_only_in_el_weight_and_run_names():
     assert plain["model"]["init_args"].pop("el_weight") == 0.0
     assert with_el["model"]["init_args"].pop("el_weight") > 0
     assert plain["model"] == with_el["model"]
-    assert plain["model"]["init_args"]["teacher_path"] == "runs/distillation/digits_teacher/export"
+    assert plain["model"]["init_args"]["teacher_path"] == "lightning_losses/assets/digits_teacher"
     for key in ("max_steps", "precision", "accelerator", "devices"):
         assert plain["trainer"].get(key) == with_el["trainer"].get(key)
     # as many generator steps as the DMD digits config (1200 = 1000 fake + 200 generator)

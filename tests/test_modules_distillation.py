@@ -543,7 +543,7 @@ def test_the_two_configs_differ_only_in_el_weight():
     assert plain["model"]["init_args"].pop("el_weight") == 0.0
     assert with_el["model"]["init_args"].pop("el_weight") > 0
     assert plain["model"] == with_el["model"]
-    assert plain["model"]["init_args"]["teacher_path"] == "runs/distillation/digits_teacher/export"
+    assert plain["model"]["init_args"]["teacher_path"] == "lightning_losses/assets/digits_teacher"
     for section in ("max_steps", "precision"):
         assert plain["trainer"].get(section) == with_el["trainer"].get(section)
 
