@@ -8,9 +8,9 @@ import time
 import warnings
 from pathlib import Path
 
-from lightning_losses.demo import calibration, opl
+from lightning_losses.demo import calibration, distillation, opl
 
-PARTS = {"opl": opl.run, "calibration": calibration.run}
+PARTS = {"opl": opl.run, "calibration": calibration.run, "distillation": distillation.run}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="a smoke run in well under a minute")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
     args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
     args.out.mkdir(parents=True, exist_ok=True)
     sections = ["# lightning-losses demo report", ""]

@@ -1,0 +1,244 @@
+"""Does the Embedding Loss lower digits-FID, and in fewer iterations, for DMD, DI and CM?
+
+For each framework, with and without EL, over several seeds, one digits config
+(``configs/distillation/digits_{dmd,di,cm}[_el].yaml``, the committed digits teacher) is trained
+for the same number of generator updates; digits-FID (2,000 samples of the EMA generator against
+all 1,797 real digits, fixed noise) is measured at every 10% of the run. The EL arm and the
+no-EL arm of a seed share the initial generator, the noise stream and the data order.
+
+Reported per framework: the final digits-FID (mean ± std over seeds), the paired difference
+EL - no EL per seed, and the paper's "fewer iterations" figure: the first checkpoint at which
+the EL arm reaches the no-EL arm's FINAL FID of the same seed (its share of the run; "not
+reached" when it never does). A plot of FID against generator steps goes to
+``docs/figures/el_study.png``.
+
+    python benchmarks/el_study.py                      # main table (< 1 h on 2 CPU cores)
+    python benchmarks/el_study.py --quick              # a smoke run in minutes
+    python benchmarks/el_study.py --ablation           # EL's own knobs, on DMD
+
+The ablation varies EL's weight (x1/4, x4), the kernel (linear), the number of random networks
+(1, 8) and the automatic weight (``el_weight_mode="auto"``: EL's gradient at the generator's
+output held at a fraction of the base loss's) on DMD, over the same seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_losses.demo.distillation import distill
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = {"DMD": 150, "DI": 200, "CM": 300}
+
+#: name -> (el, el_weight override, model overrides) of the DMD ablation.
+ABLATION: dict[str, tuple[bool, float | None, dict[str, Any]]] = {
+    "no EL": (False, None, {}),
+    "EL (config)": (True, None, {}),
+    "EL weight x1/4": (True, 0.0005, {}),
+    "EL weight x4": (True, 0.008, {}),
+    "EL linear kernel": (
+        True,
+        None,
+        {
+            "embedding_loss": {
+                "class_path": "lightning_losses.losses.EmbeddingLoss",
+                "init_args": {
+                    "kernel": "linear",
+                    "bank": {
+                        "class_path": "lightning_losses.nets.RandomEmbedderBank",
+                        "init_args": {"in_channels": 1},
+                    },
+                },
+            }
+        },
+    ),  # fmt: skip
+    "EL 1 network": (
+        True,
+        None,
+        {
+            "embedding_loss": {
+                "class_path": "lightning_losses.losses.EmbeddingLoss",
+                "init_args": {
+                    "bank": {
+                        "class_path": "lightning_losses.nets.RandomEmbedderBank",
+                        "init_args": {"in_channels": 1, "num_networks": 1},
+                    }
+                },
+            }
+        },
+    ),  # fmt: skip
+    "EL 8 networks": (
+        True,
+        None,
+        {
+            "embedding_loss": {
+                "class_path": "lightning_losses.losses.EmbeddingLoss",
+                "init_args": {
+                    "bank": {
+                        "class_path": "lightning_losses.nets.RandomEmbedderBank",
+                        "init_args": {"in_channels": 1, "num_networks": 8},
+                    }
+                },
+            }
+        },
+    ),  # fmt: skip
+    "EL auto weight 0.5": (True, 0.5, {"el_weight_mode": "auto"}),
+}
+
+
+def first_reaching(history: list[tuple[int, float]], threshold: float) -> int | None:
+    """The first step of ``history`` whose FID is <= ``threshold`` (None: never)."""
+    return next((step for step, fid in history if fid <= threshold), None)
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def run_arm(framework: str, el: bool, seed: int, steps: int, every: int, samples: int,
+            el_weight: float | None = None, overrides: dict | None = None) -> dict:  # fmt: skip
+    start = time.perf_counter()
+    out = distill(framework, el, seed, steps, every, el_weight=el_weight,
+                  model_overrides=overrides, fid_samples=samples)  # fmt: skip
+    return {
+        "history": out["history"],
+        "fid": out["fid"],
+        "seconds": out["seconds"],
+        "wall": time.perf_counter() - start,
+        "el_weight": out["model"].el_weight,
+    }
+
+
+def main_table(runs: dict[str, dict[str, list[dict]]], steps: dict[str, int]) -> list[str]:
+    lines = [
+        "| framework | generator steps | digits-FID, no EL | digits-FID, EL | EL - no EL per seed "
+        "| EL reaches no-EL's final FID at (per seed) | fit time EL / no EL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for framework, arms in runs.items():
+        base, el = arms["no EL"], arms["EL"]
+        diffs = ", ".join(f"{e['fid'] - b['fid']:+.3f}" for b, e in zip(base, el))
+        reach = []
+        for b, e in zip(base, el):
+            step = first_reaching(e["history"], b["fid"])
+            reach.append("not reached" if step is None else f"{step / steps[framework]:.0%}")
+        time_ratio = statistics.mean(e["seconds"] for e in el) / statistics.mean(
+            b["seconds"] for b in base
+        )
+        lines.append(
+            f"| {framework} | {steps[framework]} | {mean_std([r['fid'] for r in base])} "
+            f"| {mean_std([r['fid'] for r in el])} | {diffs} | {', '.join(reach)} "
+            f"| {time_ratio:.2f} |"
+        )
+    return lines
+
+
+def plot(runs: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.3 * len(runs), 3.5), squeeze=False)
+    for ax, (framework, arms) in zip(axes[0], runs.items()):
+        for (name, seeds), color in zip(arms.items(), ("tab:blue", "tab:orange", "tab:green")):
+            for i, r in enumerate(seeds):
+                steps, values = zip(*r["history"])
+                ax.plot(steps, values, color=color, alpha=0.8, lw=1,
+                        label=name if i == 0 else None)  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(framework)
+        ax.set_xlabel("generator steps")
+        ax.set_ylabel("digits-FID")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--frameworks", nargs="+", default=list(STEPS), choices=list(STEPS))
+    parser.add_argument("--steps", type=int, default=None, help="generator steps (all)")
+    parser.add_argument("--samples", type=int, default=2000, help="samples per FID")
+    parser.add_argument("--ablation", action="store_true", help="EL's knobs on DMD instead")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps, 500 samples")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "el_study")
+    parser.add_argument("--figure", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.seeds, args.steps, args.samples = args.seeds[:1], args.steps or 20, 500
+    steps = {f: args.steps or STEPS[f] for f in args.frameworks}
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    if args.ablation:
+        every = max(1, steps["DMD"] // 10)
+        results: dict[str, list[dict]] = {}
+        for name, (el, weight, overrides) in ABLATION.items():
+            for seed in args.seeds:
+                r = run_arm("DMD", el, seed, steps["DMD"], every, args.samples, weight, overrides)
+                results.setdefault(name, []).append(r)
+                print(f"ablation {name} seed {seed}: {r['fid']:.3f} ({r['seconds']:.0f} s)")
+        (args.out / "ablation.json").write_text(json.dumps(results, indent=1))
+        base = results["no EL"]
+        lines = [
+            f"DMD, {steps['DMD']} generator steps, seeds {args.seeds}, {args.samples} samples.",
+            "",
+            "| variant | digits-FID | minus no EL, per seed | reaches no-EL's final FID at "
+            "| fit time vs no EL |",
+            "|---|---|---|---|---|",
+        ]
+        for name, rows in results.items():
+            diffs = ", ".join(f"{r['fid'] - b['fid']:+.3f}" for r, b in zip(rows, base))
+            reach = [first_reaching(r["history"], b["fid"]) for r, b in zip(rows, base)]
+            reach_text = ", ".join("—" if s is None else f"{s / steps['DMD']:.0%}" for s in reach)
+            ratio = statistics.mean(r["seconds"] for r in rows) / statistics.mean(
+                b["seconds"] for b in base
+            )
+            lines.append(
+                f"| {name} | {mean_std([r['fid'] for r in rows])} | {diffs} | {reach_text} "
+                f"| {ratio:.2f} |"
+            )
+        table = "\n".join(lines)
+        (args.out / "ablation.md").write_text(table + "\n")
+    else:
+        runs: dict[str, dict[str, list[dict]]] = {}
+        for framework in args.frameworks:
+            every = max(1, steps[framework] // 10)
+            for seed in args.seeds:
+                for el in (False, True):
+                    r = run_arm(framework, el, seed, steps[framework], every, args.samples)
+                    runs.setdefault(framework, {}).setdefault("EL" if el else "no EL", []).append(r)
+                    print(
+                        f"{framework} {'EL' if el else 'no EL'} seed {seed}: {r['fid']:.3f} "
+                        f"({r['seconds']:.0f} s)",
+                        flush=True,
+                    )
+        (args.out / "main.json").write_text(json.dumps(runs, indent=1))
+        figure = args.figure or args.out / "el_study.png"
+        plot(runs, figure)
+        header = (
+            f"Seeds {args.seeds}, {args.samples} samples per digits-FID, checkpoints every 10% "
+            f"of the run; figure: {figure}."
+        )
+        table = header + "\n\n" + "\n".join(main_table(runs, steps))
+        (args.out / "main.md").write_text(table + "\n")
+    print()
+    print(table)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
