@@ -91,8 +91,22 @@ def _check_opl(summary: dict[str, Any]) -> None:
         assert set(summary["digits"][rate]) == {"ce", "opl"}
 
 
+def _check_distillation(summary: dict[str, Any]) -> None:
+    arms = {f"{framework}{el}" for framework in ("DMD", "DI", "CM") for el in ("", "+EL")}
+    assert arms <= set(summary["fid"]), sorted(summary["fid"])
+    fids = {**summary["fid"], "teacher": summary["teacher_fid"]}
+    for name, fid in fids.items():
+        assert isinstance(fid, float) and math.isfinite(fid) and fid > 0.0, (name, fid)
+    # Saving the teacher and a generator, then reloading them, gives the same samples.
+    assert summary["teacher_roundtrip_identical"] is True
+    assert summary["export_identical"] is True, summary["export_max_abs_diff"]
+    ratio = summary["grad_norm_ratio"]["median"]
+    assert math.isfinite(ratio) and ratio > 0.0, ratio
+
+
 SUMMARY_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "01_orthogonal_projection_loss": _check_opl,
+    "03_diffusion_distillation": _check_distillation,
 }
 
 
