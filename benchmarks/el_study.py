@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -93,9 +94,27 @@ ABLATION: dict[str, tuple[bool, float | None, dict[str, Any]]] = {
 }
 
 
-def first_reaching(history: list[tuple[int, float]], threshold: float) -> int | None:
-    """The first step of ``history`` whose FID is <= ``threshold`` (None: never)."""
-    return next((step for step, fid in history if fid <= threshold), None)
+def first_reaching(history: list[tuple[int, float]], threshold: float) -> float | None:
+    """The first step at which the FID curve reaches ``threshold`` (None: never).
+
+    Between two checkpoints the curve is interpolated linearly in log FID, so the answer is
+    finer than the checkpoint spacing; a first checkpoint already at or below it gives its step.
+    """
+    previous: tuple[int, float] | None = None
+    for step, fid in history:
+        if fid <= threshold:
+            if previous is None or previous[1] <= fid:
+                return float(step)
+            (s0, f0), (s1, f1) = previous, (step, fid)
+            t = (math.log(f0) - math.log(threshold)) / (math.log(f0) - math.log(f1))
+            return s0 + t * (s1 - s0)
+        previous = (step, fid)
+    return None
+
+
+def fid_at(history: list[tuple[int, float]], step: int) -> float:
+    """The FID of the checkpoint nearest to ``step``."""
+    return min(history, key=lambda item: abs(item[0] - step))[1]
 
 
 def mean_std(values: list[float]) -> str:
@@ -120,23 +139,27 @@ def run_arm(framework: str, el: bool, seed: int, steps: int, every: int, samples
 def main_table(runs: dict[str, dict[str, list[dict]]], steps: dict[str, int]) -> list[str]:
     lines = [
         "| framework | generator steps | digits-FID, no EL | digits-FID, EL | EL - no EL per seed "
-        "| EL reaches no-EL's final FID at (per seed) | fit time EL / no EL |",
-        "|---|---|---|---|---|---|---|",
+        "| EL reaches no-EL's final FID at (per seed) | EL reaches no-EL's mid-run FID at "
+        "(no EL: 50%) | fit time EL / no EL |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for framework, arms in runs.items():
         base, el = arms["no EL"], arms["EL"]
+        total = steps[framework]
         diffs = ", ".join(f"{e['fid'] - b['fid']:+.3f}" for b, e in zip(base, el))
-        reach = []
+        final, middle = [], []
         for b, e in zip(base, el):
             step = first_reaching(e["history"], b["fid"])
-            reach.append("not reached" if step is None else f"{step / steps[framework]:.0%}")
+            final.append("not reached" if step is None else f"{step / total:.0%}")
+            step = first_reaching(e["history"], fid_at(b["history"], total // 2))
+            middle.append("not reached" if step is None else f"{step / total:.0%}")
         time_ratio = statistics.mean(e["seconds"] for e in el) / statistics.mean(
             b["seconds"] for b in base
         )
         lines.append(
-            f"| {framework} | {steps[framework]} | {mean_std([r['fid'] for r in base])} "
-            f"| {mean_std([r['fid'] for r in el])} | {diffs} | {', '.join(reach)} "
-            f"| {time_ratio:.2f} |"
+            f"| {framework} | {total} | {mean_std([r['fid'] for r in base])} "
+            f"| {mean_std([r['fid'] for r in el])} | {diffs} | {', '.join(final)} "
+            f"| {', '.join(middle)} | {time_ratio:.2f} |"
         )
     return lines
 
@@ -173,8 +196,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablation", action="store_true", help="EL's knobs on DMD instead")
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps, 500 samples")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="ablation: take the 'no EL' / 'EL (config)' DMD runs from this main.json (same "
+        "seeds and steps: the runs are deterministic) instead of running them again",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "el_study")
     parser.add_argument("--figure", type=Path, default=None)
+    parser.add_argument(
+        "--from-json",
+        action="store_true",
+        help="rebuild the tables (and the figure) from main.json / ablation.json in --out",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -186,12 +221,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.ablation:
         every = max(1, steps["DMD"] // 10)
         results: dict[str, list[dict]] = {}
-        for name, (el, weight, overrides) in ABLATION.items():
+        reused = json.loads(args.reuse.read_text())["DMD"] if args.reuse else {}
+        main_seeds = json.loads(args.reuse.read_text()).get("seeds") if args.reuse else None
+        if args.from_json:
+            results = json.loads((args.out / "ablation.json").read_text())
+        for name, (el, weight, overrides) in [] if args.from_json else ABLATION.items():
             for seed in args.seeds:
+                key = {"no EL": "no EL", "EL (config)": "EL"}.get(name)
+                if key in reused and main_seeds and seed in main_seeds:
+                    r = reused[key][main_seeds.index(seed)]
+                    if r["history"][-1][0] != steps["DMD"]:
+                        raise ValueError(f"--reuse: {args.reuse} ran another number of steps")
+                    results.setdefault(name, []).append(r)
+                    print(f"ablation {name} seed {seed}: {r['fid']:.3f} (reused)")
+                    continue
                 r = run_arm("DMD", el, seed, steps["DMD"], every, args.samples, weight, overrides)
                 results.setdefault(name, []).append(r)
                 print(f"ablation {name} seed {seed}: {r['fid']:.3f} ({r['seconds']:.0f} s)")
-        (args.out / "ablation.json").write_text(json.dumps(results, indent=1))
+        if not args.from_json:
+            (args.out / "ablation.json").write_text(json.dumps(results, indent=1))
         base = results["no EL"]
         lines = [
             f"DMD, {steps['DMD']} generator steps, seeds {args.seeds}, {args.samples} samples.",
@@ -215,7 +263,12 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "ablation.md").write_text(table + "\n")
     else:
         runs: dict[str, dict[str, list[dict]]] = {}
-        for framework in args.frameworks:
+        if args.from_json:
+            saved = json.loads((args.out / "main.json").read_text())
+            args.seeds = saved.pop("seeds")
+            runs = saved
+            steps = {f: arms["no EL"][0]["history"][-1][0] for f, arms in runs.items()}
+        for framework in [] if args.from_json else args.frameworks:
             every = max(1, steps[framework] // 10)
             for seed in args.seeds:
                 for el in (False, True):
@@ -226,7 +279,9 @@ def main(argv: list[str] | None = None) -> None:
                         f"({r['seconds']:.0f} s)",
                         flush=True,
                     )
-        (args.out / "main.json").write_text(json.dumps(runs, indent=1))
+        if not args.from_json:
+            main_json = json.dumps({"seeds": args.seeds, **runs}, indent=1)
+            (args.out / "main.json").write_text(main_json)
         figure = args.figure or args.out / "el_study.png"
         plot(runs, figure)
         header = (

@@ -1,0 +1,47 @@
+"""benchmarks/el_study.py: the "fewer iterations" arithmetic and the table (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "el_study.py"
+spec = importlib.util.spec_from_file_location("el_study", PATH)
+el_study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(el_study)
+
+
+def test_first_reaching_interpolates_in_log_fid():
+    history = [(10, 50.0), (20, 10.0), (30, 2.0)]
+    assert el_study.first_reaching(history, 10.0) == 20.0
+    assert el_study.first_reaching(history, 60.0) == 10.0  # already there at the first checkpoint
+    assert el_study.first_reaching(history, 1.0) is None
+    # log-linear between (20, 10) and (30, 2): log(10 / 5) / log(10 / 2) of the way
+    expected = 20 + 10 * math.log(2.0) / math.log(5.0)
+    assert el_study.first_reaching(history, 5.0) == pytest.approx(expected)
+
+
+def test_main_table_reports_paired_differences_and_crossings():
+    def run(values, seconds=10.0):
+        history = list(zip((10, 20, 30, 40), values))
+        return {"history": history, "fid": values[-1], "seconds": seconds}
+
+    runs = {
+        "DMD": {
+            "no EL": [run((40.0, 20.0, 10.0, 5.0)), run((40.0, 20.0, 10.0, 4.0))],
+            "EL": [run((30.0, 10.0, 5.0, 4.0), 12.0), run((40.0, 20.0, 10.0, 5.0), 12.0)],
+        }
+    }
+    (row,) = el_study.main_table(runs, {"DMD": 40})[2:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "DMD" and cells[1] == "40"
+    assert cells[4] == "-1.000, +1.000"
+    # seed 0: EL reaches 5.0 at step 30 (75%); seed 1: never reaches 4.0
+    assert cells[5] == "75%, not reached"
+    # mid-run (step 20) FIDs 20 and 20: EL reaches 20 at log-interpolated 10 + 10*log(1.5)/log(3)
+    first = 10 + 10 * math.log(1.5) / math.log(3.0)
+    assert cells[6] == f"{first / 40:.0%}, 50%"
+    assert cells[7] == "1.20"
