@@ -181,7 +181,7 @@ def _run(out_dir: Path, quick: bool) -> str:
 
     seed = 0
     arms = [("DMD", False), ("DMD", True), ("DI", False), ("DI", True), ("CM", False), ("CM", True)]
-    steps = {"DMD": 4, "DI": 4, "CM": 4} if quick else {"DMD": 100, "DI": 100, "CM": 200}
+    steps = {"DMD": 4, "DI": 4, "CM": 4} if quick else {"DMD": 100, "DI": 100, "CM": 300}
     fid_every = {k: max(1, v // 5) for k, v in steps.items()}
     fid_samples = 200 if quick else 2000
 
