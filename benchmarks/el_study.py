@@ -245,19 +245,27 @@ def main(argv: list[str] | None = None) -> None:
             f"DMD, {steps['DMD']} generator steps, seeds {args.seeds}, {args.samples} samples.",
             "",
             "| variant | digits-FID | minus no EL, per seed | reaches no-EL's final FID at "
-            "| fit time vs no EL |",
-            "|---|---|---|---|---|",
+            "| reaches no-EL's mid-run FID at (no EL: 50%) | fit time vs no EL |",
+            "|---|---|---|---|---|---|",
         ]
+        total = steps["DMD"]
         for name, rows in results.items():
             diffs = ", ".join(f"{r['fid'] - b['fid']:+.3f}" for r, b in zip(rows, base))
-            reach = [first_reaching(r["history"], b["fid"]) for r, b in zip(rows, base)]
-            reach_text = ", ".join("—" if s is None else f"{s / steps['DMD']:.0%}" for s in reach)
+            final = [first_reaching(r["history"], b["fid"]) for r, b in zip(rows, base)]
+            middle = [
+                first_reaching(r["history"], fid_at(b["history"], total // 2))
+                for r, b in zip(rows, base)
+            ]
+            final_text, middle_text = (
+                ", ".join("—" if s is None else f"{s / total:.0%}" for s in found)
+                for found in (final, middle)
+            )
             ratio = statistics.mean(r["seconds"] for r in rows) / statistics.mean(
                 b["seconds"] for b in base
             )
             lines.append(
-                f"| {name} | {mean_std([r['fid'] for r in rows])} | {diffs} | {reach_text} "
-                f"| {ratio:.2f} |"
+                f"| {name} | {mean_std([r['fid'] for r in rows])} | {diffs} | {final_text} "
+                f"| {middle_text} | {ratio:.2f} |"
             )
         table = "\n".join(lines)
         (args.out / "ablation.md").write_text(table + "\n")
