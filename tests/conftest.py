@@ -34,3 +34,13 @@ def _clean_environment():
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Markers for a fast inner loop (`pytest -m "not slow and not ddp and not notebook"`);
+    # `make test` runs them all.
+    for item in items:
+        if "ddp" in item.name.lower():
+            item.add_marker(pytest.mark.ddp)
+        if Path(str(item.fspath)).parent.name == "notebooks":
+            item.add_marker(pytest.mark.notebook)

@@ -7,6 +7,22 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+#: Trainer settings for tests: CPU, one process, nothing written, nothing printed.
+QUIET = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+
+
+def quiet_trainer(**overrides: object) -> L.Trainer:
+    """A ``Trainer`` with :data:`QUIET` settings, ``overrides`` on top."""
+    return L.Trainer(**{**QUIET, **overrides})
+
 
 def clustered_features(
     num_per_class: int, num_classes: int, dim: int, spread: float = 0.5, seed: int = 0

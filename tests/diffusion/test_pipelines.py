@@ -31,7 +31,7 @@ from lightning_losses.diffusion.pipelines import (  # noqa: E402 (needs diffuser
     one_step_pipeline_from_denoiser,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CIFAR_CONFIG = REPO / "configs/distillation/cifar10_dmd_el.yaml"
 QUIET = dict(
     accelerator="cpu",

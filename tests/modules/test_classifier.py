@@ -227,8 +227,8 @@ def test_without_gather_ddp_step_differs_from_global_batch():
 # ------------------------------------------------------------------------------------------
 # Configs through the CLI, in-process.
 
-# The calibration configs need a classifier checkpoint: tests/test_modules_calibration.py.
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "opl").glob("*.yaml"))
+# The calibration configs need a classifier checkpoint: tests/modules/test_calibration.py.
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "opl").glob("*.yaml"))
 
 
 def _folder_tree(root: Path, classes: int = 3) -> None:

@@ -30,7 +30,7 @@ from lightning_losses.metrics.digits_fid import (
 from lightning_losses.modules import DMDDistillation
 from lightning_losses.nets import SmallCNN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUIET = dict(
     accelerator="cpu",
     devices=1,

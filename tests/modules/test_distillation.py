@@ -23,7 +23,7 @@ from lightning_losses.modules.distillation import (
     load_teacher,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [
     REPO / "configs/distillation/digits_dmd.yaml",
     REPO / "configs/distillation/digits_dmd_el.yaml",

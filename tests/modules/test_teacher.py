@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_losses.diffusion import EDMPrecond
 from lightning_losses.modules import DiffusionTeacher
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "distillation" / "digits_teacher.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "distillation" / "digits_teacher.yaml"
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
 QUIET_ARGS = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 TINY = {"channels": (8, 16), "sample_size": 8}

@@ -1,7 +1,7 @@
 """SampleGridCallback: schedule, file names, grid geometry, pixel content, fixed noise.
 
 Its DDP check (rank 0 writes each grid once) shares one 2-process run with FIDCallback's, in
-tests/test_callbacks_fid.py::test_ddp_two_processes_report_the_one_process_value.
+tests/callbacks/test_fid.py::test_ddp_two_processes_report_the_one_process_value.
 """
 
 from __future__ import annotations

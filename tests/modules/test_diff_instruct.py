@@ -20,7 +20,7 @@ from lightning_losses.diffusion import DiffusersEpsDenoiser, EDMPrecond, unet_fo
 from lightning_losses.losses import EmbeddingLoss, diff_instruct_loss
 from lightning_losses.modules import DiffInstructDistillation, DiffusionTeacher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIGS = [
     REPO / "configs/distillation/digits_di.yaml",
     REPO / "configs/distillation/digits_di_el.yaml",

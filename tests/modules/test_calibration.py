@@ -35,7 +35,7 @@ from lightning_losses.nets import (
     fit_temperature,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CALIBRATION_CONFIGS = sorted((REPO / "configs" / "calibration").glob("*.yaml"))
 QUIET = {
     "logger": False,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "el_study.py"
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "el_study.py"
 spec = importlib.util.spec_from_file_location("el_study", PATH)
 el_study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(el_study)

@@ -34,7 +34,7 @@ from lightning_losses.losses import (
 )
 from lightning_losses.modules import ConsistencyDistillation
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIGS = [
     REPO / "configs/distillation/digits_cm.yaml",
     REPO / "configs/distillation/digits_cm_el.yaml",
