@@ -32,6 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_losses.checks import (
+    check_choice,
+    check_class_labels,
+    check_float,
+    check_floating,
+    check_same_length,
+    check_tensor,
+    working_dtype,
+)
+
 AbsMode = Literal["none", "mean", "pair"]
 ABS_MODES: tuple[str, ...] = ("none", "mean", "pair")
 
@@ -45,36 +55,17 @@ class OPLOutput(NamedTuple):
 
 
 def _check_inputs(features: Tensor, labels: Tensor) -> None:
-    if not isinstance(features, Tensor) or features.ndim != 2:
-        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"features must be a 2-D tensor of shape (B, D), got {shape}")
-    if not features.is_floating_point():
-        raise ValueError(f"features must be a floating-point tensor, got dtype {features.dtype}")
-    if not isinstance(labels, Tensor) or labels.ndim != 1:
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be a 1-D tensor of shape (B,), got {shape}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(
-            f"labels must be an integer tensor of class indices, got dtype {labels.dtype}; "
-            "convert one-hot or soft labels with labels.argmax(dim=1)"
-        )
-    if labels.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"labels has {labels.shape[0]} entries but features has {features.shape[0]} rows; "
-            "they must match"
-        )
+    check_floating(check_tensor(features, "features", 2, "(B, D)"), "features")
+    check_class_labels(labels, "labels")
+    check_same_length(features, "features", labels, "labels")
+    if features.shape[0] == 0:
+        raise ValueError("features is an empty batch (B = 0); OPL needs at least one row")
 
 
-def _check_options(gamma: float, abs_mode: str) -> None:
-    if abs_mode not in ABS_MODES:
-        raise ValueError(f"abs_mode must be one of {ABS_MODES}, got {abs_mode!r}")
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-
-
-def _working_dtype(dtype: torch.dtype) -> torch.dtype:
-    # At least float32: the normalisation and the 1e-6 eps are not safe in bf16 / fp16.
-    return torch.promote_types(dtype, torch.float32)
+def _check_options(gamma: float, abs_mode: str, eps: float) -> None:
+    check_choice(abs_mode, "abs_mode", ABS_MODES)
+    check_float(gamma, "gamma", minimum=0.0)
+    check_float(eps, "eps", minimum=0.0, strict_minimum=True)
 
 
 def pair_sums(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -114,18 +105,18 @@ def orthogonal_projection_loss(
         features: (B, D) penultimate features, any float dtype. bf16 / fp16 inputs (and autocast)
             are computed in float32; float32 / float64 inputs keep their dtype.
         labels: (B,) integer class indices.
-        gamma: weight of the negative-pair term, >= 0 (0.5 in the authors' CIFAR recipe).
+        gamma: weight of the negative-pair term, finite and >= 0 (0.5 in the authors' CIFAR recipe).
         abs_mode: ``"none"``, ``"mean"`` or ``"pair"`` (see the module docstring).
-        eps: added to the pair counts, as in the authors' code.
+        eps: added to the pair counts, as in the authors' code; finite and > 0.
 
     Returns:
         :class:`OPLOutput` ``(loss, pos_mean, neg_mean)``. Degenerate batches never give NaN:
         no positive pair gives s = 0, no negative pair gives d = 0, B = 1 gives loss 1 with zero
-        gradient.
+        gradient. B = 0 raises ValueError.
     """
-    _check_options(gamma, abs_mode)
+    _check_options(gamma, abs_mode, eps)
     _check_inputs(features, labels)
-    dtype = _working_dtype(features.dtype)
+    dtype = working_dtype(features.dtype)
     with torch.autocast(device_type=features.device.type, enabled=False):
         f = F.normalize(features.to(dtype), p=2, dim=1)
         pos_sum, neg_sum, pos_count, neg_count = pair_sums(f, labels)
@@ -190,7 +181,7 @@ class OrthogonalProjectionLoss(nn.Module):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        _check_options(gamma, abs_mode)
+        _check_options(gamma, abs_mode, eps)
         self.gamma = gamma
         self.abs_mode = abs_mode
         self.gather_distributed = gather_distributed

@@ -206,16 +206,43 @@ def test_bf16_autocast_is_float32_accurate():
 @pytest.mark.parametrize(
     "features,labels,kwargs,match",
     [
-        (torch.randn(4), torch.zeros(4, dtype=torch.long), {}, "features must be a 2-D"),
-        (torch.randn(4, 3, 2), torch.zeros(4, dtype=torch.long), {}, "features must be a 2-D"),
+        (
+            torch.randn(4),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            "features must be a tensor of shape",
+        ),
+        (
+            torch.randn(4, 3, 2),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            "features must be a tensor of shape",
+        ),
         (torch.ones(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long), {}, "floating"),
-        (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), {}, "labels has 5 entries"),
+        (
+            torch.randn(4, 3),
+            torch.zeros(5, dtype=torch.long),
+            {},
+            "labels must have one entry per row",
+        ),
         (torch.randn(4, 3), torch.zeros(4), {}, "labels must be an integer"),
-        (torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long), {}, "labels must be a 1-D"),
+        (
+            torch.randn(4, 3),
+            torch.zeros(4, 2, dtype=torch.long),
+            {},
+            "labels must be a tensor of shape",
+        ),
         (torch.tensor([[float("nan"), 1.0]]), torch.zeros(1, dtype=torch.long), {}, "NaN or inf"),
         (torch.tensor([[float("inf"), 1.0]]), torch.zeros(1, dtype=torch.long), {}, "NaN or inf"),
         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"abs_mode": "abs"}, "abs_mode"),
         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"gamma": -1.0}, "gamma"),
+        (torch.randn(0, 3), torch.zeros(0, dtype=torch.long), {}, "empty batch"),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"gamma": float("nan")}, "gamma"),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"gamma": float("inf")}, "gamma"),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"eps": -1e-6}, "eps"),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"eps": 0.0}, "eps"),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"eps": float("nan")}, "eps"),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"eps": float("inf")}, "eps"),
     ],
 )
 def test_bad_input_raises_value_error(features, labels, kwargs, match):
@@ -233,6 +260,12 @@ def test_module_matches_function_and_validates_options():
         OrthogonalProjectionLoss(abs_mode="both")
     with pytest.raises(ValueError, match="gamma"):
         OrthogonalProjectionLoss(gamma=-0.1)
+    for gamma in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="gamma"):
+            OrthogonalProjectionLoss(gamma=gamma)
+    for eps in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps"):
+            OrthogonalProjectionLoss(eps=eps)
 
 
 def test_gather_is_identity_without_process_group():
