@@ -12,6 +12,13 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_losses.checks import (
+    all_true,
+    check_choice,
+    check_class_labels,
+    check_float,
+    check_int,
+)
 from lightning_losses.losses.opl import AbsMode, OPLOutput, OrthogonalProjectionLoss
 from lightning_losses.modules._hparams import save_config_hyperparameters
 from lightning_losses.nets import feature_dim_of
@@ -52,6 +59,7 @@ class OPLClassifier(L.LightningModule):
         optimizer: callable building the optimizer from the parameters (Adam, lr 1e-3, if unset).
         lr_scheduler: optional callable building the LR scheduler from the optimizer.
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+        eps: OPL's pair-count epsilon, finite and > 0.
     """
 
     def __init__(
@@ -67,18 +75,17 @@ class OPLClassifier(L.LightningModule):
         optimizer: OptimizerCallable = _adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
+        eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if opl_weight < 0:
-            raise ValueError(f"opl_weight must be >= 0, got {opl_weight}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(
-                f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval}"
-            )
+        check_int(num_classes, "num_classes", minimum=2)
+        check_float(opl_weight, "opl_weight", minimum=0.0)
+        check_float(
+            label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, strict_maximum=True
+        )
+        check_choice(scheduler_interval, "scheduler_interval", ("epoch", "step"))
+        check_float(gamma, "gamma", minimum=0.0)
+        check_float(eps, "eps", minimum=0.0, strict_minimum=True)
         save_config_hyperparameters(self, ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone
         self.feature_dim = feature_dim if feature_dim is not None else feature_dim_of(backbone)
@@ -86,7 +93,7 @@ class OPLClassifier(L.LightningModule):
         self.num_classes = num_classes
         self.opl_weight = opl_weight
         self.label_smoothing = label_smoothing
-        self.opl = OrthogonalProjectionLoss(gamma, abs_mode, gather_distributed)
+        self.opl = OrthogonalProjectionLoss(gamma, abs_mode, gather_distributed, eps)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.scheduler_interval = scheduler_interval
@@ -117,11 +124,25 @@ class OPLClassifier(L.LightningModule):
         self, features: Tensor, logits: Tensor, labels: Tensor, with_opl: bool
     ) -> tuple[Tensor, Tensor, OPLOutput | None]:
         """(total loss, cross-entropy, OPL output or None). Override to change the objective."""
+        self._check_labels(labels, logits)
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if not with_opl:
             return ce, ce, None
         opl = self.opl(features, labels)
         return ce + self.opl_weight * opl.loss, ce, opl
+
+    def _check_labels(self, labels: Tensor, logits: Tensor) -> None:
+        # Dtype / shape first (free), then the range in ONE host read, so a bad label is a clear
+        # ValueError instead of cross-entropy's device-side assert or IndexError.
+        check_class_labels(labels, "labels", length=logits.shape[0])
+        if labels.numel() == 0:
+            return
+        (in_range,) = all_true(((labels >= 0) & (labels < self.num_classes)).all())
+        if not in_range:
+            raise ValueError(
+                f"labels must be class indices in [0, {self.num_classes}), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
 
     def _step(self, batch: Any, stage: str, metrics: MetricCollection) -> dict[str, Tensor]:
         x, y = batch

@@ -62,12 +62,35 @@ def test_zero_weight_is_plain_cross_entropy():
         ({"label_smoothing": 1.0}, "label_smoothing"),
         ({"abs_mode": "abs"}, "abs_mode"),
         ({"gamma": -0.5}, "gamma"),
+        ({"gamma": float("nan")}, "gamma"),
+        ({"gamma": float("inf")}, "gamma"),
+        ({"eps": -1e-6}, "eps"),
+        ({"eps": float("nan")}, "eps"),
+        ({"eps": float("inf")}, "eps"),
+        ({"num_classes": 2.5}, "num_classes"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     args = {"backbone": TinyMLP(8), "num_classes": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         OPLClassifier(**args)
+
+
+@pytest.mark.parametrize(
+    "labels,match",
+    [
+        (torch.tensor([0, 1, 2, 4]), r"in \[0, 4\)"),
+        (torch.tensor([0, -1, 2, 3]), r"in \[0, 4\)"),
+        (torch.tensor([0.0, 1.0, 2.0, 3.0]), "integer tensor"),
+        (torch.tensor([0, 1, 2]), "4 entries"),
+    ],
+)
+def test_bad_labels_give_a_clear_value_error(labels, match):
+    model = OPLClassifier(TinyMLP(8), num_classes=4, opl_weight=0.5)
+    x = torch.randn(4, 1, 8, 8)
+    for step in (model.training_step, model.validation_step):
+        with pytest.raises(ValueError, match=match):
+            step((x, labels), 0)
 
 
 def test_backbone_without_feature_dim_needs_it_explicitly():
