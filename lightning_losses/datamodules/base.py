@@ -11,14 +11,10 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_losses.checks import check_int
 from lightning_losses.datamodules.sampling import EpochSeededRandomSampler
 
 __all__ = ["ClassificationDataModule", "TransformedSubset", "stratified_split"]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def stratified_split(
@@ -102,8 +98,8 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
+        check_int(batch_size, "batch_size", minimum=1)
+        check_int(num_workers, "num_workers", minimum=0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.batch_size = batch_size

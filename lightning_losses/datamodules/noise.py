@@ -9,17 +9,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_losses.checks import check_float, check_int
+
 __all__ = ["LabelNoiseDataModule", "NoisyLabelDataset", "symmetric_label_noise"]
 
 
 def _check_rate(rate: float) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"rate must be a float in [0, 1), got {rate!r}")
+    check_float(rate, "rate", minimum=0.0, maximum=1.0, strict_maximum=True)
 
 
 def _check_num_classes(num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    check_int(num_classes, "num_classes", minimum=2)
 
 
 def _noise_plan(n: int, rate: float, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:

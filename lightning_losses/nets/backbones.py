@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_losses.checks import check_positive_int
+
 __all__ = [
     "TORCHVISION_RESNETS",
     "MLPBackbone",
@@ -33,13 +35,6 @@ TORCHVISION_RESNETS: tuple[str, ...] = (
     "resnet101",
     "resnet152",
 )
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is a positive int, else raise a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -119,7 +114,7 @@ class TorchvisionBackbone(nn.Module):
         super().__init__()
         if name not in TORCHVISION_RESNETS:
             raise ValueError(f"name must be one of {', '.join(TORCHVISION_RESNETS)}, got {name!r}")
-        _check_positive_int("in_channels", in_channels)
+        check_positive_int(in_channels, "in_channels")
         from torchvision import models
 
         model = getattr(models, name)(weights=None)
@@ -202,7 +197,7 @@ class TorchvisionClassifier(TorchvisionBackbone):
         self, name: str = "resnet152", num_classes: int = 1000, weights: str | None = None
     ) -> None:
         super().__init__(name=name)
-        _check_positive_int("num_classes", num_classes)
+        check_positive_int(num_classes, "num_classes")
         self.num_classes = num_classes
         self.fc = nn.Linear(self.feature_dim, num_classes)
         if weights is not None:
@@ -241,9 +236,9 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, width: int = 32, feature_dim: int = 64) -> None:
         super().__init__()
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("width", width)
-        _check_positive_int("feature_dim", feature_dim)
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(width, "width")
+        check_positive_int(feature_dim, "feature_dim")
         self.feature_dim: int = feature_dim
         self.features = nn.Sequential(
             *_conv_bn_relu(in_channels, width),
@@ -280,10 +275,10 @@ class MLPBackbone(nn.Module):
         self, in_features: int, hidden: int = 64, feature_dim: int = 32, num_layers: int = 2
     ) -> None:
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("hidden", hidden)
-        _check_positive_int("feature_dim", feature_dim)
-        _check_positive_int("num_layers", num_layers)
+        check_positive_int(in_features, "in_features")
+        check_positive_int(hidden, "hidden")
+        check_positive_int(feature_dim, "feature_dim")
+        check_positive_int(num_layers, "num_layers")
         self.in_features = in_features
         self.feature_dim: int = feature_dim
         sizes = [in_features] + [hidden] * (num_layers - 1) + [feature_dim]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_losses.checks import check_positive_int
+
 __all__ = [
     "BasicBlock",
     "CifarResNet",
@@ -27,13 +29,6 @@ __all__ = [
     "resnet56",
     "resnet110",
 ]
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is a positive int, else raise a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class BasicBlock(nn.Module):
@@ -99,8 +94,8 @@ class CifarResNet(nn.Module):
                 f"depth must satisfy (depth - 2) % 6 == 0 and depth >= 8 "
                 f"(e.g. 20, 32, 44, 56, 110), got {depth}"
             )
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("width", width)
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(width, "width")
 
         self.depth = depth
         self.blocks_per_stage = (depth - 2) // 6
