@@ -58,6 +58,11 @@ def _check_inputs(features: Tensor, labels: Tensor) -> None:
     check_floating(check_tensor(features, "features", 2, "(B, D)"), "features")
     check_class_labels(labels, "labels")
     check_same_length(features, "features", labels, "labels")
+
+
+def _check_not_empty(features: Tensor) -> None:
+    # Separate from _check_inputs: with gather_distributed one rank may hold 0 rows, only the
+    # gathered batch must be non-empty.
     if features.shape[0] == 0:
         raise ValueError("features is an empty batch (B = 0); OPL needs at least one row")
 
@@ -116,6 +121,7 @@ def orthogonal_projection_loss(
     """
     _check_options(gamma, abs_mode, eps)
     _check_inputs(features, labels)
+    _check_not_empty(features)
     dtype = working_dtype(features.dtype)
     with torch.autocast(device_type=features.device.type, enabled=False):
         f = F.normalize(features.to(dtype), p=2, dim=1)
