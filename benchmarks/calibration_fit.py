@@ -168,7 +168,7 @@ def train_ca_calibrator(
         position += batch_size
         optimizer.zero_grad(set_to_none=True)
         calibrated = calibrator(data.logits[index], data.view_logits[:, index])
-        loss = correctness_aware_loss(calibrated, data.labels[index])
+        loss = correctness_aware_loss(calibrated, data.labels[index]).loss
         loss.backward()
         optimizer.step()
     return time.perf_counter() - start, loss.item(), calibrator

@@ -1,9 +1,12 @@
 """Losses as plain PyTorch: functions returning the scalar and the parts worth logging."""
 
 from lightning_losses.losses.calibration import (
+    CA_WEIGHTINGS,
     CalibrationCrossEntropy,
+    CalibrationLossOutput,
     CalibrationMSE,
     CorrectnessAwareLoss,
+    CorrectnessWeights,
     calibration_cross_entropy,
     calibration_mse,
     correctness_aware_loss,
@@ -39,7 +42,10 @@ __all__ = [
     "all_gather_rows",
     "orthogonal_projection_loss",
     "pair_sums",
+    "CA_WEIGHTINGS",
     "CalibrationCrossEntropy",
+    "CalibrationLossOutput",
+    "CorrectnessWeights",
     "CalibrationMSE",
     "CorrectnessAwareLoss",
     "calibration_cross_entropy",

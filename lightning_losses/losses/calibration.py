@@ -14,7 +14,10 @@ class-balance weights :math:`w_i = 1 - a` for correct samples, :math:`w_i = a` f
 
 The weights make both groups count equally (each group's weights sum to :math:`a (1 - a) N`).
 When the batch is all correct or all wrong, :math:`\\sum_i w_i = 0` and the loss falls back to the
-unweighted mean :math:`\\frac1N \\sum_i (c_i - y_i)^2`.
+unweighted mean :math:`\\frac1N \\sum_i (c_i - y_i)^2`. ``weighting="none"`` uses that unweighted
+mean for every batch: the balance moves the minimiser for a sample that is correct with
+probability :math:`p` from :math:`c^* = p` to :math:`c^* = (1-a)p / ((1-a)p + a(1-p))`, which is
+under-confident whenever :math:`a > 1/2`.
 
 Baselines of the paper: the "CE calibrator" objective :func:`calibration_cross_entropy`
 (:math:`-\\frac1N \\sum_i \\log p_{i \\ell_i}`) and the MSE objective :func:`calibration_mse`,
@@ -27,71 +30,96 @@ which we take to be the multi-class Brier score used as a loss,
 i.e. a sum over classes and a mean over samples (``F.mse_loss`` on one-hot targets would divide
 by :math:`K` as well; that only rescales the gradient).
 
-Every function computes in at least float32 (bf16 / fp16 inputs are upcast and autocast is
-disabled inside); float64 inputs stay float64.
+Every function returns a :class:`CalibrationLossOutput` (``loss`` first, then the batch
+accuracy and mean confidence worth logging) and computes in at least float32 (bf16 / fp16
+inputs are upcast and autocast is disabled inside); float64 inputs stay float64.
 """
 
 from __future__ import annotations
+
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_losses.checks import (
+    all_true,
+    check_choice,
+    check_class_labels,
+    check_floating,
+    check_same_length,
+    check_tensor,
+    working_dtype,
+)
+
 __all__ = [
+    "CA_WEIGHTINGS",
     "CalibrationCrossEntropy",
+    "CalibrationLossOutput",
     "CalibrationMSE",
     "CorrectnessAwareLoss",
+    "CorrectnessWeights",
     "calibration_cross_entropy",
     "calibration_mse",
     "correctness_aware_loss",
     "correctness_weights",
 ]
 
+CA_WEIGHTINGS: tuple[str, ...] = ("balanced", "none")
 
-def _shape(value: object) -> object:
-    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+
+class CalibrationLossOutput(NamedTuple):
+    """What every calibration objective returns: the scalar to minimise, then what to log."""
+
+    loss: Tensor
+    """The scalar objective (differentiable)."""
+    accuracy: Tensor
+    """Share of the batch whose argmax equals the label (no gradient)."""
+    confidence: Tensor
+    """Mean top-label confidence of the calibrated logits (no gradient)."""
+
+
+class CorrectnessWeights(NamedTuple):
+    """Correctness :math:`y_i` and class-balance weights :math:`w_i` of the CA loss."""
+
+    correct: Tensor
+    weights: Tensor
 
 
 def _check_logits_labels(logits: Tensor, labels: Tensor) -> None:
-    """Raise a ValueError naming the argument unless (N, C) finite float logits, (N,) int labels."""
-    if not isinstance(logits, Tensor) or logits.ndim != 2:
-        raise ValueError(f"logits must be a 2-D tensor of shape (N, C), got {_shape(logits)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    """Raise a ValueError naming the argument unless (N, C) finite float logits, (N,) int labels.
+
+    Shapes and dtypes read no values; the label range and finiteness are read in ONE host copy.
+    """
+    check_tensor(logits, "logits", 2, "(N, C)")
+    check_floating(logits, "logits")
     if logits.shape[1] < 2:
         raise ValueError(
             f"logits must have C >= 2 classes (shape (N, C)), got {tuple(logits.shape)}"
         )
     if logits.shape[0] == 0:
-        raise ValueError("logits must hold at least one sample (N >= 1), got N = 0")
-    if not isinstance(labels, Tensor) or labels.ndim != 1:
-        raise ValueError(f"labels must be a 1-D tensor of shape (N,), got {_shape(labels)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(
-            f"labels must be an integer tensor of class indices, got dtype {labels.dtype}; "
-            "convert one-hot or soft labels with labels.argmax(dim=1)"
+            f"logits must hold at least one sample (N >= 1), got {tuple(logits.shape)}"
         )
-    if labels.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"labels has {labels.shape[0]} entries but logits has {logits.shape[0]} rows; "
-            "they must match"
-        )
+    check_class_labels(labels, "labels")
+    check_same_length(logits, "logits", labels, "labels")
     num_classes = logits.shape[1]
-    if bool((labels < 0).any()) or bool((labels >= num_classes).any()):
+    in_range, finite = all_true(
+        ((labels >= 0) & (labels < num_classes)).all(), torch.isfinite(logits.detach()).all()
+    )
+    if not in_range:
         raise ValueError(
             f"labels must be class indices in [0, {num_classes}) for logits with C = "
             f"{num_classes}, got values in [{int(labels.min())}, {int(labels.max())}]"
         )
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("logits contain NaN or inf; check the classifier or the calibrator")
+    if not finite:
+        raise ValueError(
+            "logits must be finite, got NaN or inf; check the classifier or the calibrator"
+        )
 
 
-def _working_dtype(dtype: torch.dtype) -> torch.dtype:
-    # At least float32: squared gaps of confidences near 1 vanish in bf16.
-    return torch.promote_types(dtype, torch.float32)
-
-
-def correctness_weights(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def correctness_weights(logits: Tensor, labels: Tensor) -> CorrectnessWeights:
     """Correctness :math:`y_i` and class-balance weights :math:`w_i` of the CA loss.
 
     Args:
@@ -106,93 +134,116 @@ def correctness_weights(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
         :func:`correctness_aware_loss` for the fallback).
     """
     _check_logits_labels(logits, labels)
-    return _correctness_weights(logits.detach(), labels, _working_dtype(logits.dtype))
+    return _correctness_weights(logits.detach(), labels, working_dtype(logits))
 
 
-def _correctness_weights(
-    logits: Tensor, labels: Tensor, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def _correctness_weights(logits: Tensor, labels: Tensor, dtype: torch.dtype) -> CorrectnessWeights:
     correct = (logits.argmax(dim=1) == labels).to(dtype)
     accuracy = correct.mean()
     weights = torch.where(correct > 0, 1.0 - accuracy, accuracy)
-    return correct, weights
+    return CorrectnessWeights(correct, weights)
 
 
-def correctness_aware_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def correctness_aware_loss(
+    logits: Tensor,
+    labels: Tensor,
+    weighting: Literal["balanced", "none"] = "balanced",
+) -> CalibrationLossOutput:
     """Correctness-aware loss of a batch of calibrated logits; see the module docstring.
 
     Args:
         logits: (N, C) CALIBRATED logits, e.g. :math:`z_0 / T(x)`; finite, any float dtype.
             bf16 / fp16 (and autocast) are computed in float32, float64 stays float64.
         labels: (N,) integer class indices in [0, C).
+        weighting: ``"balanced"`` (the paper's class-balance weights :math:`w_i`) or ``"none"``
+            (the plain mean of :math:`(c_i - y_i)^2`).
 
     Returns:
-        The scalar :math:`L_{CA}`. Gradient flows through the confidences :math:`c_i` only; the
-        correctness :math:`y_i` and the weights :math:`w_i` are constants. All-correct or
-        all-wrong batches (:math:`\\sum_i w_i = 0`) give the unweighted mean of
+        ``(loss, accuracy, confidence)``. Gradient flows through the confidences :math:`c_i`
+        only; the correctness :math:`y_i` and the weights :math:`w_i` are constants.
+        All-correct or all-wrong batches (:math:`\\sum_i w_i = 0`) give the unweighted mean of
         :math:`(c_i - y_i)^2`, never NaN.
 
     Raises:
-        ValueError: naming ``logits`` or ``labels`` on a wrong shape, dtype or value range.
+        ValueError: naming ``logits``, ``labels`` or ``weighting`` on a wrong shape, dtype,
+            value range or option.
     """
+    check_choice(weighting, "weighting", CA_WEIGHTINGS)
     _check_logits_labels(logits, labels)
-    dtype = _working_dtype(logits.dtype)
+    dtype = working_dtype(logits)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         z = logits.to(dtype)
         correct, weights = _correctness_weights(z.detach(), labels, dtype)
         pred = z.detach().argmax(dim=1, keepdim=True)
         confidence = torch.softmax(z, dim=1).gather(1, pred).squeeze(1)
         squared = (confidence - correct) ** 2
-        total = weights.sum()
-        # The weights are exactly 0 for every sample iff the batch is all correct or all wrong.
-        weighted = (weights * squared).sum() / torch.where(total > 0, total, 1.0)
-        loss = torch.where(total > 0, weighted, squared.mean())
-    return loss
+        if weighting == "none":
+            loss = squared.mean()
+        else:
+            total = weights.sum()
+            # The weights are exactly 0 for every sample iff the batch is all correct or wrong.
+            weighted = (weights * squared).sum() / torch.where(total > 0, total, 1.0)
+            loss = torch.where(total > 0, weighted, squared.mean())
+    return CalibrationLossOutput(loss, correct.mean(), confidence.detach().mean())
 
 
-def calibration_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+def _summary(z: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(accuracy, mean top-label confidence) of detached logits ``z``."""
+    z = z.detach()
+    accuracy = (z.argmax(dim=1) == labels).to(z.dtype).mean()
+    return accuracy, torch.softmax(z, dim=1).amax(dim=1).mean()
+
+
+def calibration_cross_entropy(logits: Tensor, labels: Tensor) -> CalibrationLossOutput:
     """Mean cross-entropy (NLL) of calibrated logits: the "CE calibrator" objective.
 
     :math:`L_{CE} = -\\frac1N \\sum_i \\log \\mathrm{softmax}(z_i)_{\\ell_i}`, computed in at
-    least float32. Arguments and errors as in :func:`correctness_aware_loss`.
+    least float32. Arguments, output and errors as in :func:`correctness_aware_loss`.
     """
     _check_logits_labels(logits, labels)
-    dtype = _working_dtype(logits.dtype)
+    dtype = working_dtype(logits)
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        return F.cross_entropy(logits.to(dtype), labels)
+        z = logits.to(dtype)
+        return CalibrationLossOutput(F.cross_entropy(z, labels), *_summary(z, labels))
 
 
-def calibration_mse(logits: Tensor, labels: Tensor) -> Tensor:
+def calibration_mse(logits: Tensor, labels: Tensor) -> CalibrationLossOutput:
     """Multi-class Brier score of calibrated logits as a loss: the paper's MSE objective.
 
     :math:`L_{MSE} = \\frac1N \\sum_i \\sum_k (\\mathrm{softmax}(z_i)_k - [k = \\ell_i])^2`: summed
     over the C classes, averaged over the N samples (in [0, 2]). Computed in at least float32.
-    Arguments and errors as in :func:`correctness_aware_loss`.
+    Arguments, output and errors as in :func:`correctness_aware_loss`.
     """
     _check_logits_labels(logits, labels)
-    dtype = _working_dtype(logits.dtype)
+    dtype = working_dtype(logits)
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        probs = torch.softmax(logits.to(dtype), dim=1)
+        z = logits.to(dtype)
+        probs = torch.softmax(z, dim=1)
         onehot = F.one_hot(labels.long(), probs.shape[1]).to(dtype)
-        return ((probs - onehot) ** 2).sum(dim=1).mean()
+        loss = ((probs - onehot) ** 2).sum(dim=1).mean()
+        return CalibrationLossOutput(loss, *_summary(z, labels))
 
 
 class CorrectnessAwareLoss(nn.Module):
-    """:func:`correctness_aware_loss` as a module (``forward(logits, labels) -> Tensor``)."""
+    """:func:`correctness_aware_loss` as a module (``forward(logits, labels)``)."""
 
-    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return correctness_aware_loss(logits, labels)
+    def __init__(self, weighting: Literal["balanced", "none"] = "balanced") -> None:
+        super().__init__()
+        self.weighting = check_choice(weighting, "weighting", CA_WEIGHTINGS)
+
+    def forward(self, logits: Tensor, labels: Tensor) -> CalibrationLossOutput:
+        return correctness_aware_loss(logits, labels, weighting=self.weighting)
 
 
 class CalibrationCrossEntropy(nn.Module):
-    """:func:`calibration_cross_entropy` as a module (``forward(logits, labels) -> Tensor``)."""
+    """:func:`calibration_cross_entropy` as a module (``forward(logits, labels)``)."""
 
-    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, labels: Tensor) -> CalibrationLossOutput:
         return calibration_cross_entropy(logits, labels)
 
 
 class CalibrationMSE(nn.Module):
-    """:func:`calibration_mse` as a module (``forward(logits, labels) -> Tensor``)."""
+    """:func:`calibration_mse` as a module (``forward(logits, labels)``)."""
 
-    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, labels: Tensor) -> CalibrationLossOutput:
         return calibration_mse(logits, labels)

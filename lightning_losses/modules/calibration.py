@@ -188,7 +188,7 @@ class PostHocCalibration(L.LightningModule):
 
     def _loss(self, batch: Any) -> Tensor:
         logits, view_logits, labels = self._unpack(batch)
-        return self.loss_fn(self.calibrator(logits, view_logits), labels)
+        return self.loss_fn(self.calibrator(logits, view_logits), labels).loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
@@ -203,9 +203,13 @@ class PostHocCalibration(L.LightningModule):
         if same_loss_everywhere:
             logits, labels = all_gather_rows(logits.detach()), all_gather_rows(labels)
 
+        parts: dict[str, Tensor] = {}
+
         def closure() -> Tensor:
             optimizer.zero_grad()
-            loss = self.loss_fn(self.calibrator(logits, view_logits), labels)
+            out = self.loss_fn(self.calibrator(logits, view_logits), labels)
+            parts.update(accuracy=out.accuracy, confidence=out.confidence)
+            loss = out.loss
             self.manual_backward(loss)
             if same_loss_everywhere:  # bitwise equal on every rank (the gradients already are)
                 loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
@@ -213,14 +217,17 @@ class PostHocCalibration(L.LightningModule):
 
         loss = optimizer.step(closure=closure)
         self.log("train/loss", loss.detach(), batch_size=labels.shape[0], on_epoch=True)
+        for key, value in parts.items():  # the calibrated batch's accuracy and mean confidence
+            self.log(f"train/{key}", value, batch_size=labels.shape[0], on_epoch=True)
         if isinstance(self.calibrator, TemperatureScaling):
             self.log("train/temperature", self.calibrator.scalar_temperature().detach())
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         logits, view_logits, labels = self._unpack(batch)
-        loss = self.loss_fn(self.calibrator(logits, view_logits), labels)
-        self.log("val/loss", loss, batch_size=labels.shape[0], sync_dist=True)
+        out = self.loss_fn(self.calibrator(logits, view_logits), labels)
+        for key, value in out._asdict().items():
+            self.log(f"val/{key}", value, batch_size=labels.shape[0], sync_dist=True)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         name = self.test_set_names[dataloader_idx]

@@ -73,14 +73,14 @@ def test_ca_matches_loop_reference(seed):
     logits, labels = _batch(seed)
     correct = (logits.argmax(1) == labels).double().mean().item()
     assert 0.0 < correct < 1.0
-    loss = correctness_aware_loss(logits, labels)
+    loss = correctness_aware_loss(logits, labels).loss
     assert loss.dtype == torch.float64 and loss.ndim == 0
     assert loss.item() == pytest.approx(reference_ca(logits, labels), abs=1e-12, rel=0)
 
 
 def test_ca_float32_matches_reference():
     logits, labels = _batch(7, n=200, c=10)
-    loss = correctness_aware_loss(logits.float(), labels)
+    loss = correctness_aware_loss(logits.float(), labels).loss
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(reference_ca(logits.float(), labels), abs=1e-6)
 
@@ -94,19 +94,19 @@ def test_all_correct_and_all_wrong_fall_back_to_unweighted_mean():
 
     _, w = correctness_weights(logits, right)
     assert torch.count_nonzero(w) == 0
-    loss = correctness_aware_loss(logits, right)
+    loss = correctness_aware_loss(logits, right).loss
     assert torch.isfinite(loss)
     assert loss.item() == pytest.approx(((conf - 1) ** 2).mean().item(), abs=1e-14)
     assert loss.item() == pytest.approx(reference_ca(logits, right), abs=1e-14)
 
-    loss = correctness_aware_loss(logits, wrong)
+    loss = correctness_aware_loss(logits, wrong).loss
     assert loss.item() == pytest.approx((conf**2).mean().item(), abs=1e-14)
 
     # Gradients stay finite too, and B = 1 is a valid (all-correct) batch.
     x = logits.clone().requires_grad_(True)
-    correctness_aware_loss(x, wrong).backward()
+    correctness_aware_loss(x, wrong).loss.backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    one = correctness_aware_loss(logits[:1], right[:1])
+    one = correctness_aware_loss(logits[:1], right[:1]).loss
     assert one.item() == pytest.approx((conf[0] - 1).item() ** 2, abs=1e-14)
 
 
@@ -126,13 +126,13 @@ def test_class_balance_weights_nine_correct_one_wrong():
     conf = logits.softmax(1).amax(1)
     sq = (conf - expected_correct) ** 2
     expected = (0.1 * sq[expected_correct == 1].sum() + 0.9 * sq[4]) / (0.1 * 9 + 0.9)
-    loss = correctness_aware_loss(logits, labels)
+    loss = correctness_aware_loss(logits, labels).loss
     assert loss.item() == pytest.approx(expected.item(), abs=1e-14)
     assert loss.item() != pytest.approx(sq.mean().item(), abs=1e-3)  # not the unweighted mean
 
     # On the wrong sample's row: weight 0.9 / 1.8 instead of 1 / 10, a 5x larger gradient.
     x = logits.clone().requires_grad_(True)
-    correctness_aware_loss(x, labels).backward()
+    correctness_aware_loss(x, labels).loss.backward()
     y = logits.clone().requires_grad_(True)
     ((y.softmax(1).amax(1) - expected_correct) ** 2).mean().backward()
     torch.testing.assert_close(x.grad[4], y.grad[4] * 10 * 0.9 / 1.8, rtol=1e-10, atol=0)
@@ -142,9 +142,9 @@ def test_class_balance_weights_nine_correct_one_wrong():
 def test_ca_gradcheck(seed):
     logits, labels = _batch(seed, n=9, c=4)
     x = logits.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: correctness_aware_loss(t, labels), (x,))
+    assert torch.autograd.gradcheck(lambda t: correctness_aware_loss(t, labels).loss, (x,))
     right = logits.argmax(1)
-    assert torch.autograd.gradcheck(lambda t: correctness_aware_loss(t, right), (x,))
+    assert torch.autograd.gradcheck(lambda t: correctness_aware_loss(t, right).loss, (x,))
 
 
 def test_no_gradient_through_correctness_or_weights():
@@ -156,7 +156,7 @@ def test_no_gradient_through_correctness_or_weights():
     targets = torch.tensor(correct, dtype=torch.float64)
 
     x = logits.clone().requires_grad_(True)
-    correctness_aware_loss(x, labels).backward()
+    correctness_aware_loss(x, labels).loss.backward()
     y = logits.clone().requires_grad_(True)
     conf = y.softmax(1).gather(1, y.argmax(1, keepdim=True)).squeeze(1)
     ((weights * (conf - targets) ** 2).sum() / weights.sum()).backward()
@@ -173,9 +173,9 @@ def test_no_gradient_through_correctness_or_weights():
 def test_low_precision_inputs_are_computed_in_float32(dtype, fn):
     logits, labels = _batch(5, n=64, c=10)
     low = logits.to(dtype)
-    out = fn(low, labels)
+    out = fn(low, labels).loss
     assert out.dtype == torch.float32
-    exact = fn(low.double(), labels)  # same rounded inputs, float64
+    exact = fn(low.double(), labels).loss  # same rounded inputs, float64
     assert out.item() == pytest.approx(exact.item(), abs=1e-6)
 
 
@@ -183,7 +183,7 @@ def test_autocast_is_disabled_inside():
     logits, labels = _batch(6, n=64, c=10)
     x = logits.float().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = correctness_aware_loss(x * 1.0, labels)
+        out = correctness_aware_loss(x * 1.0, labels).loss
     assert out.dtype == torch.float32
     assert out.item() == pytest.approx(reference_ca(x.detach(), labels), abs=1e-6)
     out.backward()
@@ -193,18 +193,18 @@ def test_autocast_is_disabled_inside():
 @pytest.mark.parametrize("seed", range(3))
 def test_mse_is_brier_score(seed):
     logits, labels = _batch(seed, n=17, c=6)
-    out = calibration_mse(logits, labels)
+    out = calibration_mse(logits, labels).loss
     assert out.dtype == torch.float64
     assert out.item() == pytest.approx(reference_brier(logits, labels), abs=1e-12)
     assert 0.0 <= out.item() <= 2.0
     x = logits.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: calibration_mse(t, labels), (x,))
+    assert torch.autograd.gradcheck(lambda t: calibration_mse(t, labels).loss, (x,))
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_cross_entropy_matches_reference(seed):
     logits, labels = _batch(seed, n=17, c=6)
-    out = calibration_cross_entropy(logits, labels)
+    out = calibration_cross_entropy(logits, labels).loss
     assert out.dtype == torch.float64
     assert out.item() == pytest.approx(reference_nll(logits, labels), abs=1e-12)
 
@@ -218,7 +218,8 @@ def test_objectives_rank_the_paper_toy_example():
     }
     labels = torch.tensor([0])  # cat
     ca = {
-        k: correctness_aware_loss(torch.tensor([v]).log(), labels).item() for k, v in probs.items()
+        k: correctness_aware_loss(torch.tensor([v]).log(), labels).loss.item()
+        for k, v in probs.items()
     }
     assert ca["ca"] < ca["uncalibrated"] < ca["ce"]
     # A wrong-only batch: the CA loss is the squared confidence of the predicted class.
@@ -232,7 +233,7 @@ def test_modules_match_functions():
         (CalibrationCrossEntropy(), calibration_cross_entropy),
         (CalibrationMSE(), calibration_mse),
     ]:
-        torch.testing.assert_close(module(logits, labels), fn(logits, labels))
+        torch.testing.assert_close(tuple(module(logits, labels)), tuple(fn(logits, labels)))
 
 
 LONG = torch.long
@@ -241,24 +242,36 @@ LONG = torch.long
 @pytest.mark.parametrize(
     "logits,labels,match",
     [
-        (torch.randn(4), torch.zeros(4, dtype=LONG), "logits must be a 2-D"),
-        (torch.randn(4, 3, 2), torch.zeros(4, dtype=LONG), "logits must be a 2-D"),
+        (torch.randn(4), torch.zeros(4, dtype=LONG), r"logits must be a tensor of shape \(N, C\)"),
+        (
+            torch.randn(4, 3, 2),
+            torch.zeros(4, dtype=LONG),
+            r"logits must be a tensor of shape \(N, C\)",
+        ),
         (torch.ones(4, 3, dtype=LONG), torch.zeros(4, dtype=LONG), "logits must be a floating"),
         (torch.randn(4, 1), torch.zeros(4, dtype=LONG), r"logits must have C >= 2"),
         (torch.randn(0, 3), torch.zeros(0, dtype=LONG), "logits must hold at least one"),
-        (torch.tensor([[float("nan"), 1.0]]), torch.zeros(1, dtype=LONG), "logits contain NaN"),
-        (torch.tensor([[float("inf"), 1.0]]), torch.zeros(1, dtype=LONG), "logits contain NaN"),
-        (torch.randn(4, 3), torch.zeros(5, dtype=LONG), "labels has 5 entries"),
+        (torch.tensor([[float("nan"), 1.0]]), torch.zeros(1, dtype=LONG), "logits must be finite"),
+        (torch.tensor([[float("inf"), 1.0]]), torch.zeros(1, dtype=LONG), "logits must be finite"),
+        (
+            torch.randn(4, 3),
+            torch.zeros(5, dtype=LONG),
+            r"labels must have one entry per row of logits \(4\), got 5",
+        ),
         (torch.randn(4, 3), torch.zeros(4), "labels must be an integer"),
         (torch.randn(4, 3), torch.zeros(4, dtype=torch.bool), "labels must be an integer"),
-        (torch.randn(4, 3), torch.zeros(4, 3, dtype=LONG), "labels must be a 1-D"),
+        (
+            torch.randn(4, 3),
+            torch.zeros(4, 3, dtype=LONG),
+            r"labels must be a tensor of shape \(B,\)",
+        ),
         (
             torch.randn(4, 3),
             torch.tensor([0, 1, 3, 0]),
             r"labels must be class indices in \[0, 3\)",
         ),
         (torch.randn(4, 3), torch.tensor([0, -1, 2, 0]), r"labels must be class indices"),
-        ([[0.0, 1.0]], torch.zeros(1, dtype=LONG), "logits must be a 2-D"),
+        ([[0.0, 1.0]], torch.zeros(1, dtype=LONG), r"logits must be a tensor of shape \(N, C\)"),
     ],
 )
 @pytest.mark.parametrize(
@@ -269,3 +282,35 @@ LONG = torch.long
 def test_bad_input_raises_value_error(fn, logits, labels, match):
     with pytest.raises(ValueError, match=match):
         fn(logits, labels)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [correctness_aware_loss, calibration_cross_entropy, calibration_mse],
+    ids=lambda f: f.__name__,
+)
+def test_outputs_carry_batch_accuracy_and_mean_confidence(fn):
+    logits, labels = _batch(9, n=31, c=5)
+    out = fn(logits, labels)
+    assert out._fields[0] == "loss" and out.loss is out[0]
+    accuracy = sum(int(r.index(max(r)) == y) for r, y in zip(logits.tolist(), labels.tolist()))
+    assert out.accuracy.item() == pytest.approx(accuracy / 31, abs=1e-15)
+    confidence = sum(max(_softmax_row(r)) for r in logits.tolist()) / 31
+    assert out.confidence.item() == pytest.approx(confidence, abs=1e-12)
+    assert not out.accuracy.requires_grad and not out.confidence.requires_grad
+
+
+def test_unweighted_ca_is_the_plain_mean_and_bad_weighting_raises():
+    logits, labels = _batch(10, n=40, c=4)
+    conf = logits.softmax(1).amax(1)
+    correct = (logits.argmax(1) == labels).double()
+    plain = correctness_aware_loss(logits, labels, weighting="none").loss
+    assert plain.item() == pytest.approx(((conf - correct) ** 2).mean().item(), abs=1e-14)
+    balanced = correctness_aware_loss(logits, labels).loss
+    assert balanced.item() != pytest.approx(plain.item(), abs=1e-4)
+    module = CorrectnessAwareLoss(weighting="none")
+    assert module(logits, labels).loss.item() == plain.item()
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        correctness_aware_loss(logits, labels, weighting="class")
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        CorrectnessAwareLoss(weighting="Balanced")

@@ -82,7 +82,7 @@ def test_calibrators_never_change_argmax(seed):
             opt = torch.optim.Adam(cal.parameters(), lr=5.0)
             for _ in range(5):
                 opt.zero_grad()
-                objective(cal(logits, views), labels).backward()
+                objective(cal(logits, views), labels).loss.backward()
                 opt.step()
             out = cal(logits, views)
             assert torch.isfinite(out).all()
@@ -159,7 +159,7 @@ def test_starts_near_one_for_every_seed_with_nonzero_gradient():
         cal = CorrectnessAwareCalibrator(num_views=3)
         t = cal.temperature(logits, views)
         assert ((t >= 0.8) & (t <= 1.25)).all(), (seed, t.min(), t.max())
-        correctness_aware_loss(cal(logits, views), labels).backward()
+        correctness_aware_loss(cal(logits, views), labels).loss.backward()
         for name, p in cal.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, (seed, name)
 
@@ -315,7 +315,7 @@ def test_training_calibrators_lowers_ece():
     opt = torch.optim.Adam(ca.parameters(), lr=1e-2)
     for _ in range(200):
         opt.zero_grad()
-        correctness_aware_loss(ca(logits, views), labels).backward()
+        correctness_aware_loss(ca(logits, views), labels).loss.backward()
         opt.step()
     with torch.no_grad():
         calibrated = ca(test_logits, test_views)
