@@ -157,6 +157,17 @@ class PostHocCalibration(L.LightningModule):
             # self.device would meet weights still on the CPU.
             self.classifier.to(self.device)
             datamodule.cache_outputs(self.classifier_logits, device=self.device)
+            cached = (getattr(datamodule, "cached", None) or {}).get("train")
+            if cached is not None and len(cached) == 0:
+                raise ValueError(
+                    "the calibration split must hold at least one sample, got 0: nothing to fit"
+                )
+            if cached is not None and cached.logits.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"num_classes must match the classifier's outputs: num_classes="
+                    f"{self.num_classes}, but the classifier gives {cached.logits.shape[1]} "
+                    "logits per sample"
+                )
         if stage == "test" and datamodule is not None and hasattr(datamodule, "test_set_names"):
             self.test_set_names = list(datamodule.test_set_names)
         if stage == "test" and not self.test_set_names:

@@ -50,6 +50,14 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def _rows_are_probabilities(logits: Tensor) -> bool:
+    """Whether every row lies in [0, 1] and sums to 1 (within 1e-3): one host read."""
+    x = logits.detach()
+    sums = x.sum(dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
+    inside = (x >= 0).all() & (x <= 1).all() & ((sums - 1).abs() <= 1e-3).all()
+    return bool(inside)
+
+
 def _check_bounds(t_min: float, t_max: float) -> None:
     if not (math.isfinite(t_min) and math.isfinite(t_max) and 0 < t_min < 1 < t_max):
         raise ValueError(
@@ -157,6 +165,7 @@ def fit_temperature(
     labels: Tensor,
     max_iter: int = 100,
     init_temperature: float = 1.5,
+    allow_probabilities: bool = False,
 ) -> TemperatureScaling:
     """Fit a :class:`TemperatureScaling` by minimising the NLL over :math:`\\log T`.
 
@@ -172,11 +181,24 @@ def fit_temperature(
         labels: (N,) integer class indices in [0, C).
         max_iter: maximum number of LBFGS iterations, >= 1.
         init_temperature: the starting T.
+        allow_probabilities: fit even when every row of ``logits`` is a probability vector (in
+            [0, 1], summing to 1), which is almost always probabilities passed by mistake.
 
     Returns:
         A float32 :class:`TemperatureScaling` on the logits' device holding the fitted T.
     """
     _check_logits(logits)
+    if logits.shape[0] == 0:
+        raise ValueError(
+            f"logits must hold at least one sample (N >= 1) to fit a temperature, got "
+            f"{tuple(logits.shape)}: the calibration split is empty"
+        )
+    if not allow_probabilities and _rows_are_probabilities(logits):
+        raise ValueError(
+            "logits must be logits, got rows that are all probability vectors (in [0, 1], "
+            "summing to 1): pass the classifier's logits (or their log), or set "
+            "allow_probabilities=True"
+        )
     if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
         shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(

@@ -754,3 +754,13 @@ def test_ddp_temperature_scaling_takes_the_same_lbfgs_steps_on_every_rank(net):
     assert len(cached) % 2 == 0  # no DistributedSampler padding: the same data as one process
     expected = fit_temperature(cached.logits, cached.labels).scalar_temperature().item()
     assert module.calibrator.scalar_temperature().item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_num_classes_that_does_not_match_the_classifier_fails_before_fitting(net):
+    data = _data(views=False, shifts=None)
+    calibrator = TemperatureScaling()
+    module = PostHocCalibration(calibrator, 7, classifier=net, loss="ce")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+    with pytest.raises(ValueError, match=r"num_classes must match .* gives 10 logits"):
+        trainer.fit(module, data)
+    assert calibrator.scalar_temperature().item() == pytest.approx(1.5)  # nothing was fitted

@@ -324,3 +324,16 @@ def test_training_calibrators_lowers_ece():
     assert ca_ece < 0.5 * before
     assert temps.std() > 0.05  # a per-sample temperature, not a constant
     assert torch.equal(calibrated.argmax(1), test_logits.argmax(1))
+
+
+def test_fit_temperature_refuses_no_samples_and_probabilities():
+    with pytest.raises(ValueError, match=r"logits must hold at least one sample"):
+        fit_temperature(torch.empty(0, 3), torch.empty(0, dtype=torch.long))
+    z, labels = _perfectly_calibrated(2, 64)
+    with pytest.raises(ValueError, match="allow_probabilities=True"):
+        fit_temperature(z.softmax(1), labels)
+    t = fit_temperature(z.softmax(1), labels, allow_probabilities=True).scalar_temperature()
+    assert torch.isfinite(t)
+    # Log-probabilities are valid logits (softmax is shift invariant): same T as the logits.
+    t_log = fit_temperature(z.log_softmax(1), labels).scalar_temperature().item()
+    assert t_log == pytest.approx(fit_temperature(z, labels).scalar_temperature().item(), rel=1e-4)
