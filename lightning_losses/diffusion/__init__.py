@@ -29,10 +29,20 @@ from lightning_losses.diffusion.denoisers import (
 )
 from lightning_losses.diffusion.samplers import edm_heun_sampler, heun_step
 from lightning_losses.diffusion.schedules import karras_sigmas
+from lightning_losses.diffusion.teacher_pairs import (
+    TeacherPairs,
+    load_teacher_pairs,
+    make_teacher_pairs,
+    save_teacher_pairs,
+)
 from lightning_losses.diffusion.training import edm_loss
 from lightning_losses.diffusion.unets import unet_for_images
 
 __all__ = [
+    "TeacherPairs",
+    "load_teacher_pairs",
+    "make_teacher_pairs",
+    "save_teacher_pairs",
     "PREDICTION_TYPES",
     "ConsistencyPrecond",
     "consistency_pipeline",

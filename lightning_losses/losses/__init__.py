@@ -28,12 +28,24 @@ from lightning_losses.losses.embedding import (
     EmbeddingLossOutput,
     mmd2,
 )
+from lightning_losses.losses.gan import (
+    GANDiscriminatorOutput,
+    GANGeneratorOutput,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
 from lightning_losses.losses.opl import (
     OPLOutput,
     OrthogonalProjectionLoss,
     all_gather_rows,
     orthogonal_projection_loss,
     pair_sums,
+)
+from lightning_losses.losses.regression import (
+    REGRESSION_DISTANCES,
+    RegressionLoss,
+    RegressionLossOutput,
+    regression_loss,
 )
 
 __all__ = [
@@ -62,4 +74,12 @@ __all__ = [
     "dmd_gradient",
     "dmd_loss",
     "fake_denoiser_loss",
+    "GANDiscriminatorOutput",
+    "GANGeneratorOutput",
+    "gan_discriminator_loss",
+    "gan_generator_loss",
+    "REGRESSION_DISTANCES",
+    "RegressionLoss",
+    "RegressionLossOutput",
+    "regression_loss",
 ]

@@ -30,8 +30,10 @@ from lightning_losses.nets.cifar_resnet import (
     resnet110,
 )
 from lightning_losses.nets.embedders import EMBEDDER_FAMILIES, RandomEmbedderBank
+from lightning_losses.nets.lpips import LPIPS
 
 __all__ = [
+    "LPIPS",
     "TORCHVISION_RESNETS",
     "BasicBlock",
     "CifarResNet",
