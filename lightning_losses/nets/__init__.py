@@ -30,10 +30,13 @@ from lightning_losses.nets.cifar_resnet import (
     resnet110,
 )
 from lightning_losses.nets.embedders import EMBEDDER_FAMILIES, RandomEmbedderBank
+from lightning_losses.nets.gan_head import FeatureTap, GANHead
 from lightning_losses.nets.lpips import LPIPS
 
 __all__ = [
     "LPIPS",
+    "FeatureTap",
+    "GANHead",
     "TORCHVISION_RESNETS",
     "BasicBlock",
     "CifarResNet",
