@@ -47,6 +47,12 @@ from lightning_losses.losses.regression import (
     RegressionLossOutput,
     regression_loss,
 )
+from lightning_losses.losses.robust import (
+    GCEOutput,
+    TruncatedLqOutput,
+    generalized_cross_entropy,
+    truncated_lq_loss,
+)
 
 __all__ = [
     "OPLOutput",
@@ -54,6 +60,10 @@ __all__ = [
     "all_gather_rows",
     "orthogonal_projection_loss",
     "pair_sums",
+    "GCEOutput",
+    "TruncatedLqOutput",
+    "generalized_cross_entropy",
+    "truncated_lq_loss",
     "CA_WEIGHTINGS",
     "CalibrationCrossEntropy",
     "CalibrationLossOutput",
