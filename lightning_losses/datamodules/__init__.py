@@ -5,6 +5,7 @@ Light on purpose: torchvision data sets are imported inside the methods that rea
 
 from lightning_losses.datamodules.base import (
     ClassificationDataModule,
+    IndexedDataset,
     TransformedSubset,
     stratified_split,
 )
@@ -22,8 +23,11 @@ from lightning_losses.datamodules.cifar import (
 from lightning_losses.datamodules.digits import DigitsDataModule
 from lightning_losses.datamodules.folder import ImageFolderDataModule
 from lightning_losses.datamodules.noise import (
+    NOISE_TYPES,
     LabelNoiseDataModule,
     NoisyLabelDataset,
+    label_noise,
+    pairflip_label_noise,
     symmetric_label_noise,
 )
 from lightning_losses.datamodules.sampling import EpochSeededRandomSampler
@@ -57,6 +61,10 @@ __all__ = [
     "TransformedSubset",
     "stratified_split",
     "symmetric_label_noise",
+    "IndexedDataset",
+    "NOISE_TYPES",
+    "label_noise",
+    "pairflip_label_noise",
     "CIFAR10C_CORRUPTIONS",
     "CORRUPTIONS",
     "CIFAR10CDataset",

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_losses.checks import check_int
 from lightning_losses.datamodules.sampling import EpochSeededRandomSampler
 
-__all__ = ["ClassificationDataModule", "TransformedSubset", "stratified_split"]
+__all__ = ["ClassificationDataModule", "IndexedDataset", "TransformedSubset", "stratified_split"]
 
 
 def stratified_split(
@@ -79,6 +79,25 @@ class TransformedSubset(Dataset):
         return x, y
 
 
+class IndexedDataset(Dataset):
+    """``(input, label, index)``: the items of ``dataset`` with their position in it.
+
+    For per-sample state kept by a model, e.g. the pruning weights of the truncated Lq loss
+    (:class:`~lightning_losses.modules.OPLClassifier` with ``base_loss="truncated"``). The index
+    is an int64 scalar tensor, so default collation gives a (B,) int64 tensor.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        x, y, *rest = self.dataset[index]
+        return (x, y, torch.tensor(index, dtype=torch.int64), *rest)
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Base of the image-classification data modules.
 
@@ -88,23 +107,35 @@ class ClassificationDataModule(L.LightningDataModule):
     ``(float32 image (C, H, W), int64 label)``.
 
     The training loader shuffles with :class:`EpochSeededRandomSampler` seeded with ``seed``; the
-    validation and test loaders keep the data-set order.
+    validation and test loaders keep the data-set order. With ``return_indices`` the training
+    loader yields ``(x, y, index)`` batches (:class:`IndexedDataset`; ``index`` is the position
+    in ``train_dataset``), for losses with per-sample state such as the truncated Lq loss.
 
     Args:
         batch_size: items per batch.
         num_workers: loader worker processes (workers persist across epochs when > 0).
         seed: seed of the splits and of the training order.
+        return_indices: training batches carry sample indices as a third element.
     """
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        return_indices: bool = False,
+    ) -> None:
         super().__init__()
         check_int(batch_size, "batch_size", minimum=1)
         check_int(num_workers, "num_workers", minimum=0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if not isinstance(return_indices, bool):
+            raise ValueError(f"return_indices must be a bool, got {return_indices!r}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.return_indices = return_indices
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
@@ -140,8 +171,14 @@ class ClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training loader (order fixed by ``seed`` and the epoch)."""
-        return self._loader(self.train_dataset, "train", shuffle=True)
+        """Shuffled training loader (order fixed by ``seed`` and the epoch).
+
+        Items are ``(x, y)``, or ``(x, y, index)`` with ``return_indices``.
+        """
+        dataset = self.train_dataset
+        if self.return_indices and dataset is not None:
+            dataset = IndexedDataset(dataset)
+        return self._loader(dataset, "train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         """Validation loader, in data-set order."""

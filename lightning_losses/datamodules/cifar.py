@@ -42,6 +42,8 @@ class CIFARDataModule(ClassificationDataModule):
         augment: apply the crop / flip augmentation to the training split.
         normalize: ``"standard"`` (per-channel mean / std of the training set, for classifiers)
             or ``"symmetric"`` (``2x - 1``, images in [-1, 1], for diffusion models).
+        return_indices: training batches are ``(x, y, index)`` (for per-sample state such as
+            the truncated Lq loss's pruning weights).
     """
 
     _name: str = ""
@@ -60,8 +62,14 @@ class CIFARDataModule(ClassificationDataModule):
         val_size: int = 5000,
         augment: bool = True,
         normalize: Literal["standard", "symmetric"] = "standard",
+        return_indices: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            return_indices=return_indices,
+        )
         if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
             raise ValueError(f"val_size must be an int >= 0, got {val_size!r}")
         if normalize not in ("standard", "symmetric"):

@@ -9,8 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from lightning_losses.checks import check_choice, check_float
 from lightning_losses.datamodules.base import ClassificationDataModule, stratified_split
-from lightning_losses.datamodules.noise import symmetric_label_noise
+from lightning_losses.datamodules.noise import (
+    NOISE_TYPES,
+    VAL_NOISE_SEED_OFFSET,
+    NoiseType,
+)
+from lightning_losses.datamodules.noise import label_noise as flip_labels
 
 __all__ = ["DigitsDataModule"]
 
@@ -31,8 +37,13 @@ class DigitsDataModule(ClassificationDataModule):
     - ``"none"``: x in [0, 1].
 
     With ``label_noise > 0`` exactly ``round(label_noise * N_train)`` training labels are flipped
-    to another class (seeded with ``seed``); :attr:`train_clean_targets` keeps the true labels and
-    :attr:`train_noise_mask` marks the flipped ones. Validation and test labels stay clean.
+    (seeded with ``seed``): to a uniformly drawn other class (``noise_type="symmetric"``) or
+    from c to (c + 1) mod 10 (``"pairflip"``); :attr:`train_clean_targets` keeps the true labels
+    and :attr:`train_noise_mask` marks the flipped ones. With ``val_label_noise > 0`` the
+    validation split gets the same type of noise (``round(val_label_noise * N_val)`` labels,
+    seed ``seed +`` :data:`~lightning_losses.datamodules.noise.VAL_NOISE_SEED_OFFSET`;
+    :attr:`val_clean_targets`, :attr:`val_noise_mask`), as a real noisy-label user's validation
+    data would be. Test labels always stay clean.
 
     Args:
         batch_size: items per batch.
@@ -43,6 +54,10 @@ class DigitsDataModule(ClassificationDataModule):
         seed: seed of the split, the label noise and the training order.
         normalize: ``"standard"``, ``"symmetric"`` or ``"none"``.
         label_noise: fraction of training labels flipped, in [0, 1).
+        noise_type: ``"symmetric"`` or ``"pairflip"``.
+        val_label_noise: fraction of validation labels flipped, in [0, 1) (0: clean).
+        return_indices: training batches are ``(x, y, index)`` (see
+            :class:`~lightning_losses.datamodules.ClassificationDataModule`).
     """
 
     def __init__(
@@ -55,8 +70,16 @@ class DigitsDataModule(ClassificationDataModule):
         seed: int = 0,
         normalize: Literal["standard", "symmetric", "none"] = "standard",
         label_noise: float = 0.0,
+        noise_type: NoiseType = "symmetric",
+        val_label_noise: float = 0.0,
+        return_indices: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            return_indices=return_indices,
+        )
         if image_size not in _IMAGE_SIZES:
             raise ValueError(f"image_size must be one of {_IMAGE_SIZES}, got {image_size!r}")
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -71,12 +94,18 @@ class DigitsDataModule(ClassificationDataModule):
             raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
         if not 0.0 <= label_noise < 1.0:
             raise ValueError(f"label_noise must be in [0, 1), got {label_noise!r}")
+        check_float(
+            val_label_noise, "val_label_noise", minimum=0.0, maximum=1.0, strict_maximum=True
+        )
+        check_choice(noise_type, "noise_type", NOISE_TYPES)
         self.save_hyperparameters()
         self.image_size = image_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.normalize = normalize
         self.label_noise = label_noise
+        self.noise_type = noise_type
+        self.val_label_noise = val_label_noise
         self.mean: float | None = None
         self.std: float | None = None
         self.train_indices: Tensor | None = None
@@ -84,6 +113,8 @@ class DigitsDataModule(ClassificationDataModule):
         self.test_indices: Tensor | None = None
         self.train_clean_targets: Tensor | None = None
         self.train_noise_mask: Tensor | None = None
+        self.val_clean_targets: Tensor | None = None
+        self.val_noise_mask: Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -133,14 +164,23 @@ class DigitsDataModule(ClassificationDataModule):
         clean = targets[self.train_indices]
         noisy = clean
         if self.label_noise > 0:
-            noisy = symmetric_label_noise(clean, self.label_noise, self.num_classes, self.seed)
+            noisy = flip_labels(
+                clean, self.label_noise, self.num_classes, self.seed, self.noise_type
+            )
         self.train_clean_targets = clean
         self.train_noise_mask = noisy != clean
+        val_clean = targets[self.val_indices]
+        val_noisy = val_clean
+        if self.val_label_noise > 0:
+            val_seed = self.seed + VAL_NOISE_SEED_OFFSET
+            val_noisy = flip_labels(
+                val_clean, self.val_label_noise, self.num_classes, val_seed, self.noise_type
+            )
+        self.val_clean_targets = val_clean
+        self.val_noise_mask = val_noisy != val_clean
 
         self.train_dataset = TensorDataset(images[self.train_indices].contiguous(), noisy)
-        self.val_dataset = TensorDataset(
-            images[self.val_indices].contiguous(), targets[self.val_indices]
-        )
+        self.val_dataset = TensorDataset(images[self.val_indices].contiguous(), val_noisy)
         self.test_dataset = TensorDataset(
             images[self.test_indices].contiguous(), targets[self.test_indices]
         )

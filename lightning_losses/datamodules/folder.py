@@ -57,6 +57,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         num_workers: loader worker processes.
         seed: seed of the ``val_from_train`` split and of the training order.
         val_from_train: fraction of ``train_dir`` held out for validation, in [0, 1).
+        return_indices: training batches are ``(x, y, index)`` (for per-sample state such as
+            the truncated Lq loss's pruning weights).
     """
 
     def __init__(
@@ -70,8 +72,14 @@ class ImageFolderDataModule(ClassificationDataModule):
         num_workers: int = 8,
         seed: int = 0,
         val_from_train: float = 0.0,
+        return_indices: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            return_indices=return_indices,
+        )
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
         if not 0.0 <= val_from_train < 1.0:

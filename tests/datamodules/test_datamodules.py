@@ -26,8 +26,11 @@ from lightning_losses.datamodules import (
     DigitsDataModule,
     EpochSeededRandomSampler,
     ImageFolderDataModule,
+    IndexedDataset,
     LabelNoiseDataModule,
     NoisyLabelDataset,
+    label_noise,
+    pairflip_label_noise,
     stratified_split,
     symmetric_label_noise,
 )
@@ -248,6 +251,10 @@ def test_digits_label_noise_only_on_train(digits):
         ({"test_fraction": 1.0}, "test_fraction"),
         ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction"),
         ({"label_noise": 1.0}, "label_noise"),
+        ({"val_label_noise": 1.0}, "val_label_noise"),
+        ({"val_label_noise": -0.1}, "val_label_noise"),
+        ({"noise_type": "asymmetric"}, "noise_type"),
+        ({"return_indices": 1}, "return_indices"),
         ({"batch_size": 0}, "batch_size"),
         ({"num_workers": -1}, "num_workers"),
     ],
@@ -376,6 +383,101 @@ def test_label_noise_datamodule_affects_only_train(digits):
     assert not torch.equal(other.train_dataset.flipped, dm.train_dataset.flipped)
 
 
+@pytest.mark.parametrize("n", [7, 100, 1001])
+def test_pairflip_flips_exactly_round_rate_n_to_the_next_class(n):
+    labels = torch.arange(n) % 5
+    noisy = pairflip_label_noise(labels, 0.4, 5, seed=2)
+    flipped = noisy != labels
+    assert int(flipped.sum()) == round(0.4 * n)
+    assert torch.equal(noisy[flipped], (labels[flipped] + 1) % 5)
+    assert torch.equal(noisy, label_noise(labels, 0.4, 5, seed=2, noise_type="pairflip"))
+    # the same items as the symmetric draw of the same seed, only the target class differs
+    assert torch.equal(flipped, symmetric_label_noise(labels, 0.4, 5, seed=2) != labels)
+    assert torch.equal(symmetric_label_noise(labels, 0.4, 5, 2), label_noise(labels, 0.4, 5, 2))
+    with pytest.raises(ValueError, match="noise_type"):
+        label_noise(labels, 0.4, 5, seed=2, noise_type="pair")
+
+
+def test_pairflip_transition_is_c_to_c_plus_one_for_every_class():
+    labels = torch.arange(4000) % 10
+    noisy = pairflip_label_noise(labels, 0.4, 10, seed=0)
+    pairs = Counter(zip(labels[noisy != labels].tolist(), noisy[noisy != labels].tolist()))
+    assert set(pairs) == {(c, (c + 1) % 10) for c in range(10)}
+    assert all(abs(count - 160) < 45 for count in pairs.values())
+
+
+@pytest.mark.parametrize("noise_type", ["symmetric", "pairflip"])
+def test_digits_noise_types_and_optional_val_noise(digits, noise_type):
+    dm = DigitsDataModule(seed=1, label_noise=0.4, noise_type=noise_type)
+    dm.setup()
+    clean = dm.train_clean_targets
+    labels = dm.train_dataset.tensors[1]
+    assert int((labels != clean).sum()) == round(0.4 * len(clean))
+    assert torch.equal(labels, label_noise(clean, 0.4, 10, seed=1, noise_type=noise_type))
+    assert int(dm.val_noise_mask.sum()) == 0  # off by default
+    assert torch.equal(dm.val_dataset.tensors[1], dm.val_clean_targets)
+
+    noisy_val = DigitsDataModule(
+        seed=1, label_noise=0.4, noise_type=noise_type, val_label_noise=0.4
+    )
+    noisy_val.setup()
+    assert torch.equal(noisy_val.train_dataset.tensors[1], labels)  # training draw unchanged
+    val, val_clean = noisy_val.val_dataset.tensors[1], noisy_val.val_clean_targets
+    assert torch.equal(val_clean, dm.val_dataset.tensors[1])
+    assert int((val != val_clean).sum()) == round(0.4 * len(val_clean))
+    assert torch.equal(val != val_clean, noisy_val.val_noise_mask)
+    if noise_type == "pairflip":
+        flipped = val != val_clean
+        assert torch.equal(val[flipped], (val_clean[flipped] + 1) % 10)
+    assert torch.equal(noisy_val.test_dataset.tensors[1], dm.test_dataset.tensors[1])
+
+
+def test_training_batches_carry_sample_indices(digits):
+    dm = DigitsDataModule(batch_size=32, seed=0, return_indices=True)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert isinstance(loader.dataset, IndexedDataset)
+    assert isinstance(loader.sampler, EpochSeededRandomSampler)
+    images, targets = dm.train_dataset.tensors
+    seen = []
+    for x, y, index in loader:
+        assert index.dtype == torch.int64 and index.shape == y.shape
+        assert torch.equal(x, images[index]) and torch.equal(y, targets[index])
+        seen.append(index)
+    assert sorted(torch.cat(seen).tolist()) == list(range(len(targets)))
+    assert len(next(iter(dm.val_dataloader()))) == 2  # only training batches carry them
+    assert len(next(iter(digits.train_dataloader()))) == 2  # off by default
+
+
+def test_label_noise_datamodule_pairflip_val_noise_and_indices():
+    base = DigitsDataModule(batch_size=50, seed=0, return_indices=True)
+    dm = LabelNoiseDataModule(base, rate=0.4, seed=3, noise_type="pairflip", val_label_noise=0.2)
+    dm.setup("fit")
+    clean_train = dm.clean_train_dataset.tensors[1]
+    noisy_train = torch.stack([dm.train_dataset[i][1] for i in range(len(clean_train))])
+    flipped = noisy_train != clean_train
+    assert int(flipped.sum()) == round(0.4 * len(clean_train))
+    assert torch.equal(noisy_train[flipped], (clean_train[flipped] + 1) % 10)
+    for _, y, index in dm.train_dataloader():
+        assert torch.equal(y, noisy_train[index])
+    clean_val = dm.clean_val_dataset.tensors[1]
+    val = torch.cat([y for _, y in dm.val_dataloader()])
+    assert int((val != clean_val).sum()) == round(0.2 * len(clean_val))
+    assert dm.datamodule.val_dataset is dm.clean_val_dataset  # the wrapped module stays clean
+    assert torch.equal(torch.cat([y for _, y in base.val_dataloader()]), clean_val)
+    test = torch.cat([y for _, y in dm.test_dataloader()])
+    assert torch.equal(test, base.test_dataset.tensors[1])
+
+
+def test_indexed_dataset_passes_extra_fields():
+    inner = TensorDataset(torch.randn(5, 2), torch.arange(5), torch.arange(5) * 10)
+    item = IndexedDataset(inner)[3]
+    assert len(item) == 4 and int(item[2]) == 3 and int(item[3]) == 30
+    noisy = NoisyLabelDataset(IndexedDataset(inner), rate=0.99, num_classes=5, seed=0)
+    x, y, index, extra = noisy[3]
+    assert int(index) == 3 and int(y) != 3
+
+
 def test_label_noise_datamodule_bad_arguments():
     with pytest.raises(ValueError, match="rate"):
         LabelNoiseDataModule(DigitsDataModule(), rate=1.0)
@@ -383,6 +485,10 @@ def test_label_noise_datamodule_bad_arguments():
         LabelNoiseDataModule(object(), rate=0.1)
     with pytest.raises(RuntimeError, match="setup"):
         LabelNoiseDataModule(DigitsDataModule(), rate=0.1).train_dataloader()
+    with pytest.raises(ValueError, match="noise_type"):
+        LabelNoiseDataModule(DigitsDataModule(), rate=0.1, noise_type="flip")
+    with pytest.raises(ValueError, match="val_label_noise"):
+        LabelNoiseDataModule(DigitsDataModule(), rate=0.1, val_label_noise=1.0)
 
 
 def test_stratified_split_errors_name_the_argument():
