@@ -26,17 +26,31 @@ Kernels. ``"gaussian"`` is a sum of Gaussians over the bandwidth multipliers :ma
 with :math:`h` the median squared distance over the off-diagonal pairs :math:`i < j` of the pooled
 sample :math:`z = [x; y]` (the lower median of the :math:`N(N-1)/2` values, as ``torch.median``
 takes it; computed without gradient), unless ``bandwidth`` gives :math:`h`. When the median is 0
-(e.g. every point identical) :math:`h` is floored at :data:`MIN_BANDWIDTH` so the kernel stays
-finite: identical points then give :math:`k = \\sum_s 1` and distinct points :math:`k = 0`.
-``"linear"`` is :math:`k(a, b) = a \\cdot b`, for which the biased estimator is the squared
-distance of the means, :math:`\\lVert \\bar x - \\bar y \\rVert^2` (mean-embedding matching).
+(e.g. every point identical) :math:`h` is floored at :data:`MIN_BANDWIDTH` (in the rescaled units
+below) so the kernel stays finite: identical points then give :math:`k = \\sum_s 1` and distinct
+points :math:`k = 0`. ``"linear"`` is :math:`k(a, b) = a \\cdot b`, for which the biased estimator
+is the squared distance of the means, :math:`\\lVert \\bar x - \\bar y \\rVert^2` (mean-embedding
+matching).
 
 Numerics. Squared distances are :math:`\\lVert a \\rVert^2 + \\lVert b \\rVert^2 - 2 a \\cdot b`,
 clamped at 0, with an exact 0 on the diagonal; no square root is taken, so gradients stay finite
 at identical points. Both kernels' estimators are invariant to translating :math:`x` and :math:`y`
 together, so the pooled (detached) mean is subtracted first: this only reduces the cancellation
-in the distance formula. Everything is computed in at least float32 with autocast disabled
-(bf16 / fp16 inputs are upcast; float64 stays float64, so ``gradcheck`` works).
+in the distance formula. The centred sample is then divided by :math:`c = 2^e`, the power of two
+with :math:`\\max |z| \\in [c/2, c)` (detached): the squared distances of finite features can no
+longer overflow (features near :math:`10^{20}` have squared distances near :math:`10^{40}`, past
+float32's :math:`3.4 \\cdot 10^{38}`) nor underflow. Dividing by a power of two is exact, and the
+median-bandwidth Gaussian estimator is invariant to the scale, so nothing else changes; a fixed
+``bandwidth`` is compared with :math:`(\\lVert a - b \\rVert^2 / c^2) \\cdot c \\cdot c` and the
+linear estimator is multiplied by :math:`c \\cdot c` (it then overflows only when the value
+itself is past the dtype's range, which raises). Everything is computed in at least float32
+with autocast disabled (bf16 / fp16 inputs are upcast; float64 stays float64, so ``gradcheck``
+works).
+
+Host synchronisation. Shapes, dtypes and devices are checked without reading values; the values
+are checked ONCE, on the result: :func:`mmd2` reads one flag (is the result finite), and
+:class:`EmbeddingLoss` one small tensor of flags (both batches in range and finite, the result
+finite). Only when a flag is False are the inputs read again, to word the error.
 
 Embedding Loss (Ying et al., arXiv 2604.22379; only the abstract is known to us). The MMD between
 generated and REAL images in the feature spaces of a bank of frozen, randomly initialised networks
@@ -53,16 +67,18 @@ The kernel, the estimator and the per-class variant are OUR choices, all configu
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from lightning_losses.checks import all_true, check_class_labels, describe, working_dtype
+
 __all__ = [
     "KERNELS",
     "MIN_BANDWIDTH",
+    "RANGE_TOLERANCE",
     "EmbeddingLoss",
     "EmbeddingLossOutput",
     "mmd2",
@@ -75,11 +91,11 @@ KERNELS: tuple[str, ...] = ("gaussian", "linear")
 #: squared distances are 0, e.g. when every point is identical).
 MIN_BANDWIDTH: float = 1e-12
 
+#: How far outside ``value_range`` a REAL image may lie (interpolation and rounding), as the
+#: diffusion teachers' image check allows.
+RANGE_TOLERANCE: float = 1e-3
+
 DEFAULT_MULTIPLIERS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-def _shape(value: object) -> object:
-    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
 
 
 def _check_options(
@@ -93,6 +109,11 @@ def _check_options(
             raise ValueError(f"bandwidth must be a positive float or None, got {bandwidth!r}")
         if not (math.isfinite(bandwidth) and bandwidth > 0):
             raise ValueError(f"bandwidth must be a finite float > 0 or None, got {bandwidth!r}")
+    if isinstance(bandwidth_multipliers, (str, bytes)):
+        raise ValueError(
+            "bandwidth_multipliers must be a sequence of positive floats, "
+            f"got {bandwidth_multipliers!r}"
+        )
     try:
         multipliers = tuple(float(s) for s in bandwidth_multipliers)
     except (TypeError, ValueError) as err:
@@ -108,10 +129,11 @@ def _check_options(
     return multipliers
 
 
-def _check_sample(name: str, value: Tensor, min_rows: int) -> None:
+def _check_sample(name: str, value: object, min_rows: int) -> Tensor:
+    """Shape and dtype of one MMD sample (no value is read)."""
     if not isinstance(value, Tensor) or value.ndim != 2:
         raise ValueError(
-            f"{name} must be a 2-D tensor of shape (rows, features), got {_shape(value)}"
+            f"{name} must be a 2-D tensor of shape (rows, features), got {describe(value)}"
         )
     if not value.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
@@ -122,8 +144,27 @@ def _check_sample(name: str, value: Tensor, min_rows: int) -> None:
             else "MMD needs at least 1"
         )
         raise ValueError(f"{name} has {value.shape[0]} rows; {hint}")
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or inf")
+    if value.shape[1] < 1:
+        raise ValueError(f"{name} has 0 features (shape {tuple(value.shape)}); MMD needs >= 1")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# The estimator, batched over feature maps: F pairs (x_f, y_f) with the same m and n rows
+# ------------------------------------------------------------------------------------------------
+
+
+def _scaled_pooled(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Pooled, centred sample divided by c = 2^e with max |z| in [c/2, c); returns (z / c, c)."""
+    z = torch.cat([x.to(dtype), y.to(dtype)])
+    z = z - z.detach().mean(dim=0, keepdim=True)
+    with torch.no_grad():
+        peak = z.abs().amax()
+        mantissa, _ = torch.frexp(peak)
+        usable = torch.isfinite(peak) & (peak > 0)
+        # peak / mantissa is exactly 2^e (the quotient is representable, IEEE division).
+        scale = torch.where(usable, peak / torch.where(usable, mantissa, 1.0), 1.0)
+    return z / scale, scale
 
 
 def _squared_distances(z: Tensor) -> Tensor:
@@ -134,16 +175,176 @@ def _squared_distances(z: Tensor) -> Tensor:
     return d2.clamp_min(0.0).masked_fill(eye, 0.0)
 
 
-def _median_bandwidth(d2: Tensor) -> Tensor:
-    """Lower median of the off-diagonal (i < j) squared distances, floored, without gradient."""
+def _upper_pairs(n: int, device: torch.device) -> Tensor:
+    """Flat indices i * n + j of the pairs i < j of an (n, n) matrix (row-major order)."""
+    rows, cols = torch.triu_indices(n, n, offset=1, device=device)
+    return rows * n + cols
+
+
+def _median_bandwidths(d2: Tensor) -> Tensor:
+    """(F, N, N) -> (F,) lower medians of the i < j squared distances, floored, no gradient."""
     with torch.no_grad():
-        upper = torch.ones_like(d2, dtype=torch.bool).triu(diagonal=1)
-        return d2.detach().masked_select(upper).median().clamp_min(MIN_BANDWIDTH)
+        pairs = d2.detach().flatten(1)[:, _upper_pairs(d2.shape[1], d2.device)]
+        return pairs.median(dim=1).values.clamp_min(MIN_BANDWIDTH)
 
 
-def _off_diagonal_sum(k: Tensor) -> Tensor:
-    eye = torch.eye(k.shape[0], dtype=torch.bool, device=k.device)
-    return k.masked_fill(eye, 0.0).sum()
+def _gaussian(
+    d2: Tensor, h: Tensor, multipliers: tuple[float, ...], correction: Tensor | None
+) -> Tensor:
+    """sum_s exp(-d2 / (s h)); h broadcasts against d2; ``correction`` (a fixed bandwidth's
+    c, broadcastable) turns the rescaled distances back into the caller's units."""
+    k = torch.zeros_like(d2)
+    for s in multipliers:
+        exponent = d2 / (-s * h)
+        if correction is not None:
+            exponent = exponent * correction * correction  # 0 stays 0; large -> -inf -> k = 0
+        k = k + torch.exp(exponent)
+    return k
+
+
+def _estimate(k: Tensor, m: int, unbiased: bool) -> Tensor:
+    """(F, N, N) kernel matrices of pooled samples (m rows of x first) -> (F,) MMD^2."""
+    n = k.shape[1] - m
+    k_xx, k_yy, k_xy = k[:, :m, :m], k[:, m:, m:], k[:, :m, m:]
+    if unbiased:
+        eye_x = torch.eye(m, dtype=torch.bool, device=k.device)
+        eye_y = torch.eye(n, dtype=torch.bool, device=k.device)
+        xx = k_xx.masked_fill(eye_x, 0.0).sum(dim=(1, 2)) / (m * (m - 1))
+        yy = k_yy.masked_fill(eye_y, 0.0).sum(dim=(1, 2)) / (n * (n - 1))
+    else:
+        xx = k_xx.sum(dim=(1, 2)) / (m * m)
+        yy = k_yy.sum(dim=(1, 2)) / (n * n)
+    return xx + yy - 2.0 * k_xy.sum(dim=(1, 2)) / (m * n)
+
+
+def _pooled_maps(
+    pairs: Sequence[tuple[Tensor, Tensor]], dtype: torch.dtype, kernel: str
+) -> tuple[Tensor, Tensor]:
+    """Stacked (F, N, N) squared distances (gaussian) or Gram matrices (linear) of the rescaled
+    pooled samples, and the (F,) scales c."""
+    mats, scales = [], []
+    for x, y in pairs:
+        z, scale = _scaled_pooled(x, y, dtype)
+        mats.append(z @ z.T if kernel == "linear" else _squared_distances(z))
+        scales.append(scale)
+    return torch.stack(mats), torch.stack(scales)
+
+
+def _check_bandwidth_dtype(bandwidth: float | None, kernel: str, dtype: torch.dtype) -> None:
+    """A fixed bandwidth must be a normal number of the dtype the MMD is computed in."""
+    info = torch.finfo(dtype)
+    if kernel == "gaussian" and bandwidth is not None and not info.tiny <= bandwidth <= info.max:
+        raise ValueError(
+            f"bandwidth={bandwidth!r} is outside the range of {dtype} ([{info.tiny:.3g}, "
+            f"{info.max:.3g}]), the dtype the MMD is computed in: pass float64 features"
+        )
+
+
+def _mmd2_maps(
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    kernel: str,
+    bandwidth: float | None,
+    multipliers: tuple[float, ...],
+    unbiased: bool,
+) -> Tensor:
+    """(F,) MMD^2 of F pairs of samples with equal row counts; no checks, no host read."""
+    dtype = working_dtype(*[t for pair in pairs for t in pair])
+    _check_bandwidth_dtype(bandwidth, kernel, dtype)
+    m = pairs[0][0].shape[0]
+    device = pairs[0][0].device
+    with torch.autocast(device_type=device.type, enabled=False):
+        mats, scales = _pooled_maps(pairs, dtype, kernel)
+        if kernel == "linear":
+            return _estimate(mats, m, unbiased) * scales * scales
+        if bandwidth is None:
+            k = _gaussian(mats, _median_bandwidths(mats)[:, None, None], multipliers, None)
+        else:
+            k = _gaussian(mats, mats.new_tensor(bandwidth), multipliers, scales[:, None, None])
+        return _estimate(k, m, unbiased)
+
+
+def _mmd2_maps_per_class(
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    x_labels: Tensor,
+    y_labels: Tensor,
+    kernel: str,
+    bandwidth: float | None,
+    multipliers: tuple[float, ...],
+    unbiased: bool,
+) -> Tensor:
+    """(F,) per-class MMD^2 averaged over the classes with >= 2 rows on both sides (each with its
+    own median bandwidth); the unconditional MMD^2 where no class qualifies. No host read: the
+    classes are handled with pair masks, and each class's median is found in one stable sort of
+    every pair by (class, distance)."""
+    dtype = working_dtype(*[t for pair in pairs for t in pair])
+    _check_bandwidth_dtype(bandwidth, kernel, dtype)
+    m = x_labels.shape[0]
+    device = x_labels.device
+    labels = torch.cat([x_labels.long(), y_labels.long()])  # (N,)
+    total = labels.shape[0]
+    with torch.autocast(device_type=device.type, enabled=False):
+        mats, scales = _pooled_maps(pairs, dtype, kernel)
+        same = labels[:, None] == labels[None, :]  # (N, N)
+        count_x = same[:, :m].sum(dim=1).to(dtype)  # rows of the row's class in x
+        count_y = same[:, m:].sum(dim=1).to(dtype)  # ... in y
+        qualifies = (count_x >= 2) & (count_y >= 2)
+        if kernel == "linear":
+            k = mats
+        elif bandwidth is not None:
+            k = _gaussian(mats, mats.new_tensor(bandwidth), multipliers, scales[:, None, None])
+        else:
+            # Each pair i < j of one class carries that class's label, other pairs a sentinel
+            # above every label; sorting by distance, then stably by label, lines every class's
+            # distances up in order, from the offset where its label starts.
+            flat = _upper_pairs(total, device)
+            distances = mats.detach().flatten(1)[:, flat]  # (F, P)
+            sentinel = labels.max() + 1
+            pair_class = torch.where(same.flatten()[flat], labels[flat // total], sentinel)
+            order = distances.argsort(dim=1)
+            by_class, regroup = pair_class[order].sort(dim=1, stable=True)
+            ordered = distances.gather(1, order).gather(1, regroup)
+            start = torch.searchsorted(by_class, labels.expand(len(pairs), total).contiguous())
+            members = count_x + count_y
+            in_class = (members * (members - 1) / 2).long()  # pairs i < j of the row's class
+            index = (start + ((in_class - 1).clamp_min(0) // 2)).clamp_max(flat.shape[0] - 1)
+            h = ordered.gather(1, index).clamp_min(MIN_BANDWIDTH)  # (F, N): the row's class
+            k = _gaussian(mats, h[:, :, None], multipliers, None)
+        keep = same & qualifies[:, None]
+        xy_pairs = keep[:m, m:].to(dtype) / (count_x * count_y)[:m, None].clamp_min(1)
+        if unbiased:
+            eye = torch.eye(total, dtype=torch.bool, device=device)
+            keep = keep & ~eye
+            xx_norm = count_x * (count_x - 1)
+            yy_norm = count_y * (count_y - 1)
+        else:
+            xx_norm, yy_norm = count_x * count_x, count_y * count_y
+        xx_pairs = keep[:m, :m].to(dtype) / xx_norm[:m, None].clamp_min(1)
+        yy_pairs = keep[m:, m:].to(dtype) / yy_norm[m:, None].clamp_min(1)
+        summed = (
+            (k[:, :m, :m] * xx_pairs).sum(dim=(1, 2))
+            + (k[:, m:, m:] * yy_pairs).sum(dim=(1, 2))
+            - 2.0 * (k[:, :m, m:] * xy_pairs).sum(dim=(1, 2))
+        )
+        if kernel == "linear":
+            summed = summed * scales * scales
+        # Each class counted once: its m_c rows add 1 / m_c each.
+        classes = (qualifies[:m].to(dtype) / count_x[:m].clamp_min(1)).sum().round()
+        per_class = summed / classes.clamp_min(1)
+    unconditional = _mmd2_maps(pairs, kernel, bandwidth, multipliers, unbiased)
+    return torch.where(classes > 0, per_class, unconditional)
+
+
+def _non_finite_message(value: Tensor, names: Sequence[tuple[str, Tensor]]) -> str:
+    """Why a result is not finite (reads the inputs: only on the error path)."""
+    for name, tensor in names:
+        if not bool(torch.isfinite(tensor).all()):
+            return f"{name} contains NaN or inf"
+    peak = max(float(t.detach().abs().amax()) for _, t in names)
+    return (
+        f"the result is {value.detach().cpu().tolist()} although the inputs are finite (largest "
+        f"|value| {peak:.3g}): it is past the range of {value.dtype}; pass float64 inputs or "
+        "rescale them"
+    )
 
 
 def mmd2(
@@ -158,7 +359,7 @@ def mmd2(
 
     Args:
         x: (m, d) first sample, any float dtype (no extra dimensions: flatten them yourself).
-        y: (n, d) second sample with the same d.
+        y: (n, d) second sample with the same d, on the same device.
         kernel: ``"gaussian"`` (sum of Gaussians) or ``"linear"`` (dot product).
         bandwidth: the Gaussian kernel's h, > 0; None takes the median squared distance of the
             off-diagonal pairs of the pooled sample (no gradient). Ignored by the linear kernel.
@@ -168,11 +369,12 @@ def mmd2(
 
     Returns:
         A 0-d tensor in at least float32 (float64 inputs give float64), differentiable with
-        respect to ``x`` and ``y``.
+        respect to ``x`` and ``y``. One host read (is it finite).
 
     Raises:
-        ValueError: for a non-2-D, non-float or non-finite sample, mismatched feature sizes,
-            too few rows, an unknown kernel, or a bandwidth / multiplier that is not > 0.
+        ValueError: for a non-2-D, non-float or non-finite sample, mismatched feature sizes or
+            devices, too few rows, an unknown kernel, a bandwidth / multiplier that is not > 0,
+            or a (linear) value past the dtype's range.
     """
     multipliers = _check_options(kernel, bandwidth, bandwidth_multipliers)
     min_rows = 2 if unbiased else 1
@@ -183,27 +385,12 @@ def mmd2(
             f"x and y must have the same number of features, got x {tuple(x.shape)} "
             f"and y {tuple(y.shape)}"
         )
-    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-    m, n = x.shape[0], y.shape[0]
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        z = torch.cat([x.to(dtype), y.to(dtype)])
-        z = z - z.detach().mean(dim=0, keepdim=True)
-        if kernel == "linear":
-            k = z @ z.T
-        else:
-            d2 = _squared_distances(z)
-            h = _median_bandwidth(d2) if bandwidth is None else d2.new_tensor(bandwidth)
-            k = torch.zeros_like(d2)
-            for s in multipliers:
-                k = k + torch.exp(d2 / (-s * h))
-        k_xx, k_yy, k_xy = k[:m, :m], k[m:, m:], k[:m, m:]
-        if unbiased:
-            xx = _off_diagonal_sum(k_xx) / (m * (m - 1))
-            yy = _off_diagonal_sum(k_yy) / (n * (n - 1))
-        else:
-            xx = k_xx.sum() / (m * m)
-            yy = k_yy.sum() / (n * n)
-        return xx + yy - 2.0 * k_xy.sum() / (m * n)
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
+    value = _mmd2_maps([(x, y)], kernel, bandwidth, multipliers, bool(unbiased))[0]
+    if not all_true(torch.isfinite(value.detach()))[0]:
+        raise ValueError("mmd2: " + _non_finite_message(value, [("x", x), ("y", y)]))
+    return value
 
 
 class EmbeddingLossOutput(NamedTuple):
@@ -213,17 +400,25 @@ class EmbeddingLossOutput(NamedTuple):
     per_feature: Tensor
 
 
-def _check_labels(name: str, labels: Tensor | None, batch: int) -> None:
-    if labels is None:
-        return
-    if not isinstance(labels, Tensor) or labels.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D tensor of shape (B,), got {_shape(labels)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(
-            f"{name} must be an integer tensor of class indices, got dtype {labels.dtype}"
-        )
-    if labels.shape[0] != batch:
-        raise ValueError(f"{name} has {labels.shape[0]} entries but the batch has {batch} rows")
+def _range_flag(images: Tensor, low: float, high: float) -> Tensor:
+    """0-d bool: every value finite and in [low, high] (NaN compares False). No host read."""
+    smallest, largest = torch.aminmax(images.detach())
+    return (smallest >= low) & (largest <= high)
+
+
+def _range_message(name: str, images: Tensor, low: float, high: float, why: str) -> str:
+    """The error for a batch outside its range (reads it: only on the error path)."""
+    values = images.detach()
+    if not bool(torch.isfinite(values).all()):
+        found = "NaN or inf"
+    else:
+        smallest, largest = (float(v) for v in torch.aminmax(values))
+        found = f"values in [{smallest:.3g}, {largest:.3g}]"
+    return (
+        f"{name} must hold finite values in [{low:g}, {high:g}] ({why}), got {found}: scale "
+        "images like the teacher's data (map [0, 1] data with 2x - 1 and [0, 255] data with "
+        "x / 127.5 - 1, not standardised images), or set value_range=None to skip this check"
+    )
 
 
 class EmbeddingLoss(nn.Module):
@@ -237,9 +432,15 @@ class EmbeddingLoss(nn.Module):
 
     With ``per_class=True`` (class-conditional generation; labels required) the MMD of each
     feature map is computed separately for every class present on both sides with at least 2
-    samples on each side, and averaged over those classes with equal weights. Classes with fewer
-    than 2 samples on either side are skipped; if no class qualifies the unconditional MMD of the
-    whole batches is used instead. The per-class variant is OUR choice (the paper's is unknown).
+    samples on each side (each class with its own median bandwidth), and averaged over those
+    classes with equal weights. Classes with fewer than 2 samples on either side are skipped; if
+    no class qualifies the unconditional MMD of the whole batches is used instead. The per-class
+    variant is OUR choice (the paper's is unknown).
+
+    Values are checked once per call, in one host read with the result: the real batch must lie
+    in ``value_range`` (within :data:`RANGE_TOLERANCE`), the generated batch in ``value_range``
+    widened by ``generated_margin`` on each side (a one-step generator's output is not clipped:
+    the digits teacher's one-step samples reach -1.17), both must be finite, and so must the loss.
 
     Args:
         bank: an ``nn.Module`` mapping a batch (B, ...) to a list of (B, c_f) feature tensors.
@@ -251,6 +452,9 @@ class EmbeddingLoss(nn.Module):
         per_class: per-class MMD, averaged over classes (see above).
         bandwidth: a fixed Gaussian bandwidth h for every feature map instead of the median
             heuristic (which adapts to each feature map's scale; recommended).
+        value_range: ``(low, high)`` of the image data (default [-1, 1], the teachers' range), or
+            None to check only that the result is finite.
+        generated_margin: how far outside ``value_range`` generated images may lie, >= 0.
     """
 
     def __init__(
@@ -261,16 +465,38 @@ class EmbeddingLoss(nn.Module):
         unbiased: bool = True,
         per_class: bool = False,
         bandwidth: float | None = None,
+        value_range: tuple[float, float] | None = (-1.0, 1.0),
+        generated_margin: float = 2.0,
     ) -> None:
         super().__init__()
         if not isinstance(bank, nn.Module):
             raise ValueError(f"bank must be an nn.Module, got {type(bank).__name__}")
         self.bandwidth_multipliers = _check_options(kernel, bandwidth, bandwidth_multipliers)
+        if value_range is not None:
+            try:
+                low, high = (float(v) for v in value_range)
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"value_range must be a (low, high) pair of floats or None, got {value_range!r}"
+                ) from err
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"value_range must be finite with low < high, got {value_range!r}")
+            value_range = (low, high)
+        if (
+            isinstance(generated_margin, bool)
+            or not isinstance(generated_margin, (int, float))
+            or not (math.isfinite(generated_margin) and generated_margin >= 0)
+        ):
+            raise ValueError(
+                f"generated_margin must be a finite float >= 0, got {generated_margin!r}"
+            )
         self.bank = bank.requires_grad_(False).eval()
         self.kernel = kernel
         self.bandwidth = bandwidth
         self.unbiased = bool(unbiased)
         self.per_class = bool(per_class)
+        self.value_range = value_range
+        self.generated_margin = float(generated_margin)
 
     def train(self, mode: bool = True) -> EmbeddingLoss:
         super().train(mode)
@@ -278,11 +504,12 @@ class EmbeddingLoss(nn.Module):
         return self
 
     def _check_images(self, generated: Tensor, real: Tensor) -> None:
+        """Shapes, dtypes and devices of both batches (no value is read)."""
         min_rows = 2 if self.unbiased else 1
         for name, value in (("generated", generated), ("real", real)):
             if not isinstance(value, Tensor) or value.ndim < 2:
                 raise ValueError(
-                    f"{name} must be a batched tensor (B, C, ...), got {_shape(value)}"
+                    f"{name} must be a batched tensor (B, C, ...), got {describe(value)}"
                 )
             if not value.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
@@ -308,39 +535,75 @@ class EmbeddingLoss(nn.Module):
                 f"generated {tuple(generated.shape)} and real {tuple(real.shape)} must have the "
                 "same channels and size"
             )
-        for name, value in (("generated", generated), ("real", real)):
-            if not torch.isfinite(value).all():
-                raise ValueError(f"{name} contains NaN or inf")
+        if generated.device != real.device:
+            raise ValueError(
+                f"generated and real must be on the same device, got {generated.device} and "
+                f"{real.device}"
+            )
+        weight = next(iter(self.bank.parameters()), None)
+        if weight is not None and weight.device != generated.device:
+            raise ValueError(
+                f"the images are on {generated.device} but the bank is on {weight.device}: "
+                "move the loss (or the module holding it) to the images' device"
+            )
 
     def _features(self, images: Tensor) -> list[Tensor]:
         features = self.bank(images)
         if isinstance(features, Tensor):
             features = [features]
         features = list(features)
-        if not features or not all(isinstance(f, Tensor) and f.ndim == 2 for f in features):
+        if not features or not all(
+            isinstance(f, Tensor) and f.ndim == 2 and f.shape[0] == images.shape[0]
+            for f in features
+        ):
             raise ValueError(
-                "the bank must return a non-empty list of 2-D (B, c) feature tensors, got "
-                f"{[_shape(f) for f in features]}"
+                "the bank must return a non-empty list of 2-D (B, c) feature tensors with one row "
+                f"per image ({images.shape[0]}), got {[describe(f) for f in features]}"
             )
         return features
 
-    def _mmd(self, x: Tensor, y: Tensor) -> Tensor:
-        return mmd2(x, y, self.kernel, self.bandwidth, self.bandwidth_multipliers, self.unbiased)
+    def _flags(self, generated: Tensor, real: Tensor, loss: Tensor) -> list[Tensor]:
+        flags = [torch.isfinite(loss.detach())]
+        if self.value_range is not None:
+            low, high = self.value_range
+            margin = self.generated_margin
+            flags.append(_range_flag(generated, low - margin, high + margin))
+            flags.append(_range_flag(real, low - RANGE_TOLERANCE, high + RANGE_TOLERANCE))
+        return flags
 
-    def _class_indices(
-        self, generated_labels: Tensor, real_labels: Tensor
-    ) -> list[tuple[Tensor, Tensor]]:
-        """(generated rows, real rows) of every class with >= 2 samples on both sides."""
-        gen_counts = Counter(generated_labels.tolist())
-        real_counts = Counter(real_labels.tolist())
-        classes = sorted(c for c in gen_counts if gen_counts[c] >= 2 and real_counts.get(c, 0) >= 2)
-        return [
-            (
-                (generated_labels == c).nonzero().squeeze(1),
-                (real_labels == c).nonzero().squeeze(1),
-            )
-            for c in classes
-        ]
+    def _raise(self, generated: Tensor, real: Tensor, per_feature: Tensor) -> None:
+        """Word the error for a failed flag (reads the values again: the error path only)."""
+        if self.value_range is not None:
+            low, high = self.value_range
+            margin = self.generated_margin
+            checks = [
+                (
+                    "generated",
+                    generated,
+                    low - margin,
+                    high + margin,
+                    f"value_range {self.value_range} widened by generated_margin={margin:g}",
+                ),
+                (
+                    "real",
+                    real,
+                    low - RANGE_TOLERANCE,
+                    high + RANGE_TOLERANCE,
+                    f"value_range {self.value_range}, tolerance {RANGE_TOLERANCE:g}",
+                ),
+            ]
+            for name, images, lo, hi, why in checks:
+                if not all_true(_range_flag(images, lo, hi))[0]:
+                    raise ValueError(_range_message(name, images, lo, hi, why))
+        for name, images in (("generated", generated), ("real", real)):
+            if not all_true(torch.isfinite(images).all())[0]:
+                raise ValueError(f"{name} contains NaN or inf")
+        bad = (~torch.isfinite(per_feature.detach())).nonzero().flatten().tolist()
+        raise ValueError(
+            f"EL is not finite (feature maps {bad} of {per_feature.shape[0]}: "
+            f"{per_feature.detach().cpu().tolist()}) although both batches are finite and in "
+            "range: the bank's features overflow; use a bank with normalised features"
+        )
 
     def forward(
         self,
@@ -353,44 +616,63 @@ class EmbeddingLoss(nn.Module):
 
         Args:
             generated: (m, C, H, W) generator samples.
-            real: (n, C, H, W) real data in the same range (e.g. [-1, 1]); never differentiated.
+            real: (n, C, H, W) real data in ``value_range`` (e.g. [-1, 1]); never differentiated.
             generated_labels: (m,) integer classes; required when ``per_class``, else ignored.
             real_labels: (n,) integer classes; required when ``per_class``, else ignored.
 
         Returns:
             :class:`EmbeddingLossOutput` ``(loss, per_feature)``; ``per_feature`` is a 1-D tensor
-            with one MMD^2 per feature map, ``loss`` its sum.
+            with one MMD^2 per feature map, ``loss`` its sum. One host read per call.
+
+        Raises:
+            ValueError: for batches of the wrong shape, dtype or device, values outside the
+                range or not finite, labels that do not fit, or a non-finite result.
         """
         self._check_images(generated, real)
-        _check_labels("generated_labels", generated_labels, generated.shape[0])
-        _check_labels("real_labels", real_labels, real.shape[0])
-        groups: list[tuple[Tensor, Tensor]] = []
+        if generated_labels is not None:
+            check_class_labels(generated_labels, "generated_labels", generated.shape[0])
+        if real_labels is not None:
+            check_class_labels(real_labels, "real_labels", real.shape[0])
         if self.per_class:
             if generated_labels is None or real_labels is None:
                 raise ValueError(
                     "per_class=True needs generated_labels and real_labels (got "
-                    f"generated_labels={_shape(generated_labels)}, "
-                    f"real_labels={_shape(real_labels)})"
+                    f"generated_labels={describe(generated_labels)}, "
+                    f"real_labels={describe(real_labels)})"
                 )
-            groups = self._class_indices(generated_labels, real_labels)
+            for name, labels in (
+                ("generated_labels", generated_labels),
+                ("real_labels", real_labels),
+            ):
+                if labels.device != generated.device:
+                    raise ValueError(
+                        f"{name} must be on the images' device {generated.device}, got "
+                        f"{labels.device}"
+                    )
         generated_features = self._features(generated)
         with torch.no_grad():
             real_features = [f.detach() for f in self._features(real)]
-        if len(generated_features) != len(real_features):
-            raise ValueError("the bank returned different numbers of feature maps for the batches")
-        terms = []
-        for gen_f, real_f in zip(generated_features, real_features):
-            if groups:
-                per_class = [self._mmd(gen_f[gi], real_f[ri]) for gi, ri in groups]
-                terms.append(torch.stack(per_class).mean())
-            else:
-                terms.append(self._mmd(gen_f, real_f))
-        per_feature = torch.stack(terms)
-        return EmbeddingLossOutput(per_feature.sum(), per_feature)
+        if [f.shape[1] for f in generated_features] != [f.shape[1] for f in real_features]:
+            raise ValueError(
+                "the bank returned different feature maps for the two batches: "
+                f"{[describe(f) for f in generated_features]} and "
+                f"{[describe(f) for f in real_features]}"
+            )
+        pairs = list(zip(generated_features, real_features))
+        options = (self.kernel, self.bandwidth, self.bandwidth_multipliers, self.unbiased)
+        if self.per_class:
+            per_feature = _mmd2_maps_per_class(pairs, generated_labels, real_labels, *options)
+        else:
+            per_feature = _mmd2_maps(pairs, *options)
+        loss = per_feature.sum()
+        if not all(all_true(*self._flags(generated, real, loss))):
+            self._raise(generated, real, per_feature)
+        return EmbeddingLossOutput(loss, per_feature)
 
     def extra_repr(self) -> str:
         return (
             f"kernel={self.kernel!r}, bandwidth={self.bandwidth}, "
             f"bandwidth_multipliers={self.bandwidth_multipliers}, unbiased={self.unbiased}, "
-            f"per_class={self.per_class}"
+            f"per_class={self.per_class}, value_range={self.value_range}, "
+            f"generated_margin={self.generated_margin}"
         )

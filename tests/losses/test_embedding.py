@@ -288,11 +288,260 @@ def test_embedding_loss_rejects_bad_inputs():
         loss_fn(good, good[:1])
     bad = good.clone()
     bad[0, 0, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match="generated contains NaN or inf"):
+    with pytest.raises(ValueError, match=r"generated must hold finite values .* got NaN or inf"):
         loss_fn(bad, good)
-    with pytest.raises(ValueError, match="real_labels has 3 entries"):
+    with pytest.raises(ValueError, match="real_labels must have 4 entries"):
         EmbeddingLoss(_bank(), per_class=True)(
             good, good, torch.zeros(4, dtype=torch.long), torch.zeros(3, dtype=torch.long)
         )
     with pytest.raises(ValueError, match="kernel"):
         EmbeddingLoss(_bank(), kernel="cosine")
+
+
+# ------------------------------------------------------------------------------------------------
+# Host synchronisations: one read per call
+# ------------------------------------------------------------------------------------------------
+
+#: Tensor methods and torch functions that copy a value to the host (a device synchronisation
+#: on a GPU) or size their output by the data (which synchronises too).
+_HOST_READS = {
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__complex__",
+    "item",
+    "tolist",
+    "numpy",
+    "cpu",
+    "nonzero",
+    "argwhere",
+    "masked_select",
+    "unique",
+    "unique_consecutive",
+    "bincount",
+}
+
+
+class _CountHostReads(torch.overrides.TorchFunctionMode):
+    """Counts the host reads made inside the block (``.reads``: their names, in order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        kwargs = kwargs or {}
+        if name in _HOST_READS:
+            self.reads.append(name)
+        elif name in ("__getitem__", "__setitem__") and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.bool
+            for a in (args[1] if isinstance(args[1], tuple) else (args[1],))
+        ):
+            self.reads.append(f"{name}[bool mask]")
+        elif name == "to" and any(
+            str(a) == "cpu" for a in [*args[1:], kwargs.get("device")] if a is not None
+        ):
+            self.reads.append("to(cpu)")
+        return func(*args, **kwargs)
+
+
+def _gen_real(batch: int = 8, seed: int = 0):
+    return _images(batch, seed).requires_grad_(), _images(batch, seed + 1, shift=0.3)
+
+
+def test_host_read_counter_sees_reads():
+    x = torch.tensor([1.0, -2.0])
+    with _CountHostReads() as counter:
+        bool(x.sum() > 0)
+        x.tolist()
+        x[x > 0]
+        x.nonzero()
+    assert counter.reads == ["__bool__", "tolist", "__getitem__[bool mask]", "nonzero"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"kernel": "linear"},
+        {"unbiased": False},
+        {"bandwidth": 2.0},
+        {"per_class": True},
+        {"value_range": None},
+    ],
+)
+def test_embedding_loss_reads_the_host_once_per_call(options):
+    loss_fn = EmbeddingLoss(_bank(), **options)
+    generated, real = _gen_real()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    with _CountHostReads() as counter:
+        out = loss_fn(generated, real, labels, labels.flip(0))
+        out.loss.backward()
+    assert counter.reads == ["tolist"]  # the one small tensor of flags
+    assert torch.isfinite(out.loss)
+
+
+def test_mmd2_reads_the_host_once():
+    x, y = _samples(dtype=torch.float32)
+    with _CountHostReads() as counter:
+        mmd2(x, y)
+        mmd2(x, y, "linear")
+    assert counter.reads == ["tolist", "tolist"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Image range and finiteness of both batches, folded into that read
+# ------------------------------------------------------------------------------------------------
+
+
+def test_embedding_loss_rejects_unscaled_images():
+    loss_fn = EmbeddingLoss(_bank())
+    unit = _images(6, 0)
+    pixels = (unit + 1) * 127.5  # [0, 255]
+    with pytest.raises(
+        ValueError,
+        match=r"real must hold finite values in \[-1.001, 1.001\].*"
+        r"got values in \[\d",
+    ):
+        loss_fn(unit, pixels)
+    with pytest.raises(ValueError, match=r"generated must hold finite values in \[-3, 3\]"):
+        loss_fn(pixels, unit)
+    # A one-step generator is not clipped: slightly outside [-1, 1] is fine, real data is not.
+    overshoot = unit * 1.2
+    assert torch.isfinite(loss_fn(overshoot, unit).loss)
+    with pytest.raises(ValueError, match="real must hold finite values"):
+        loss_fn(unit, overshoot)
+    # Other data ranges: say so, or skip the check.
+    assert torch.isfinite(EmbeddingLoss(_bank(), value_range=None)(pixels, pixels).loss)
+    assert torch.isfinite(EmbeddingLoss(_bank(), value_range=(0, 255))(pixels, pixels).loss)
+    for bad in [(1.0, -1.0), (0.0, float("inf")), "[-1, 1]", (1.0,)]:
+        with pytest.raises(ValueError, match="value_range"):
+            EmbeddingLoss(_bank(), value_range=bad)
+    for bad in [-0.1, float("nan"), True]:
+        with pytest.raises(ValueError, match="generated_margin"):
+            EmbeddingLoss(_bank(), generated_margin=bad)
+
+
+@pytest.mark.parametrize("value_range", [(-1.0, 1.0), None])
+@pytest.mark.parametrize("which", ["generated", "real"])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
+def test_embedding_loss_rejects_non_finite_images(which, bad_value, value_range):
+    loss_fn = EmbeddingLoss(_bank(), value_range=value_range)
+    batches = {"generated": _images(6, 0), "real": _images(6, 1)}
+    batches[which][2, 0, 3, 4] = bad_value
+    pattern = f"{which} must hold finite values" if value_range else f"{which} contains NaN or inf"
+    with pytest.raises(ValueError, match=pattern):
+        loss_fn(batches["generated"], batches["real"])
+
+
+def test_embedding_loss_reports_a_non_finite_result_of_finite_inputs():
+    class Overflowing(torch.nn.Module):
+        def forward(self, x):
+            return [x.flatten(1) * 1e30, x.flatten(1)[:, :4]]  # squares overflow, then inf - inf
+
+    loss_fn = EmbeddingLoss(Overflowing(), kernel="linear")
+    with pytest.raises(ValueError, match=r"EL is not finite \(feature maps \[0\] of 2"):
+        loss_fn(_images(6, 0), _images(6, 1, shift=0.5))
+
+
+# ------------------------------------------------------------------------------------------------
+# Features far from 1: no overflow, no underflow
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kernel", "magnitude"),
+    [
+        ("gaussian", 1e20),
+        ("gaussian", 1e30),
+        ("gaussian", 1e-25),
+        ("linear", 1e15),
+        ("linear", 1e-15),
+    ],
+)
+def test_mmd2_of_features_far_from_one_matches_float64(kernel, magnitude):
+    x, y = _samples(m=6, n=5, d=3)
+    expected = reference_mmd2(x * magnitude, y * magnitude, kernel)
+    got = mmd2((x * magnitude).float(), (y * magnitude).float(), kernel)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(expected, rel=1e-4, abs=0.0)
+    if kernel == "gaussian":  # scale-invariant: the value is that of the unscaled sample
+        assert float(got) == pytest.approx(reference_mmd2(x, y, kernel), rel=1e-4)
+    assert float(mmd2(x * magnitude, y * magnitude, kernel)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mmd2_raises_when_the_value_itself_overflows():
+    x, y = _samples(m=6, n=5, d=3)
+    with pytest.raises(ValueError, match="past the range of torch.float32; pass float64"):
+        mmd2((x * 1e20).float(), (y * 1e20).float(), "linear")  # the value is ~1e40
+    expected = reference_mmd2(x * 1e20, y * 1e20, "linear")
+    assert float(mmd2(x * 1e20, y * 1e20, "linear")) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mmd2_fixed_bandwidth_with_features_far_from_one_matches_float64():
+    x, y = _samples(m=6, n=5, d=3)
+    x[1] = x[0]  # a duplicated point: distance exactly 0, kernel exactly 5
+    for scale, bandwidth in [(1e18, 3e36), (1e18, 3.0), (1e20, 1.0), (1e-15, 3e-30), (1e-3, 1e30)]:
+        expected = reference_mmd2(x * scale, y * scale, "gaussian", bandwidth)
+        got = mmd2((x * scale).float(), (y * scale).float(), bandwidth=bandwidth)
+        assert float(got) == pytest.approx(expected, rel=1e-4, abs=1e-6), (scale, bandwidth)
+    with pytest.raises(
+        ValueError, match="bandwidth=3e[+]?40 is outside the range of torch.float32"
+    ):
+        mmd2(x.float(), y.float(), bandwidth=3e40)
+    with pytest.raises(ValueError, match="outside the range of torch.float32"):
+        mmd2(x.float(), y.float(), bandwidth=1e-50)
+    assert torch.isfinite(mmd2(x, y, bandwidth=3e40))  # float64 holds it
+
+
+def test_mmd2_gradients_of_huge_features_are_finite():
+    x, y = _samples(m=6, n=5, d=3, dtype=torch.float32)
+    big = (x * 1e20).requires_grad_()
+    mmd2(big, y * 1e20).backward()
+    assert torch.isfinite(big.grad).all() and big.grad.abs().max() > 0
+    # d/dz of a scale-invariant value: the gradient at c z is the gradient at z divided by c.
+    small = x.clone().requires_grad_()
+    mmd2(small, y).backward()
+    assert torch.allclose(big.grad * 1e20, small.grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The batched EL against the float64 loop reference, per feature map
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"unbiased": False}, {"kernel": "linear"}, {"bandwidth": 0.5}],
+)
+def test_embedding_loss_matches_float64_loop_reference(options):
+    bank = _bank()
+    loss_fn = EmbeddingLoss(bank, **options)
+    generated, real = _images(6, 0), _images(5, 1, shift=0.3)
+    out = loss_fn(generated, real)
+    kernel = options.get("kernel", "gaussian")
+    unbiased = options.get("unbiased", True)
+    for got, a, b in zip(out.per_feature, bank(generated), bank(real)):
+        expected = reference_mmd2(a, b, kernel, options.get("bandwidth"), unbiased=unbiased)
+        assert float(got) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"unbiased": False}, {"kernel": "linear"}])
+def test_per_class_embedding_loss_matches_float64_loop_reference(options):
+    bank = _bank()
+    loss_fn = EmbeddingLoss(bank, per_class=True, **options)
+    generated, real = _images(9, 2), _images(10, 3, shift=0.2)
+    gen_labels = torch.tensor([5, 5, 5, 1, 2, 2, 7, 7, 7], dtype=torch.int32)
+    real_labels = torch.tensor([5, 5, 1, 1, 2, 2, 2, 3, 7, 7])
+    out = loss_fn(generated, real, gen_labels, real_labels)
+    kernel = options.get("kernel", "gaussian")
+    unbiased = options.get("unbiased", True)
+    # Class 1 has 1 generated sample and class 3 none: classes 5, 2 and 7 count.
+    for got, a, b in zip(out.per_feature, bank(generated), bank(real)):
+        per_class = [
+            reference_mmd2(a[gen_labels == c], b[real_labels == c], kernel, unbiased=unbiased)
+            for c in (5, 2, 7)
+        ]
+        assert float(got) == pytest.approx(sum(per_class) / 3, rel=1e-4, abs=1e-6)
