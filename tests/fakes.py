@@ -17,6 +17,8 @@ QUIET = dict(
     enable_model_summary=False,
     num_sanity_val_steps=0,
 )
+#: :data:`QUIET` as ``lightning-losses`` command-line overrides (``--trainer.logger=false``, ...).
+QUIET_ARGS = [f"--trainer.{key}={str(value).lower()}" for key, value in QUIET.items()]
 
 
 def quiet_trainer(**overrides: object) -> L.Trainer:
