@@ -21,7 +21,15 @@ pairs, the authors' CIFAR / ImageNet / label-noise code).
     \\sum_{pos} = \\sum_c \\big(\\lVert S_c \\rVert^2 - \\sum_{y_i = c} \\lVert f_i \\rVert^2\\big),
     \\qquad \\sum_{neg} = \\lVert S \\rVert^2 - \\sum_c \\lVert S_c \\rVert^2,
 
-which is O(B D) time and memory.
+which is O(B D) time and memory. Their forward and gradient are written in closed form
+(:class:`~lightning_losses.losses._opl_function.ClassPairSums`: two reads of the features
+forward, one gather-dot-update backward, the gradient the only B x D buffer) instead of
+autograd's element-wise passes through the normalisation. ``"pair"`` keeps autograd through
+the Gram matrix.
+
+A row of norm <= 1e-12 (a dead, all-zero feature vector) is a zero vector: cosine 0 with every
+row, and gradient 0 (autograd through ``F.normalize`` would give it 1e12 times the gradient of
+the cosines, which has no limit at 0).
 """
 
 from __future__ import annotations
@@ -29,10 +37,10 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_losses.checks import (
+    all_true,
     check_choice,
     check_class_labels,
     check_float,
@@ -41,6 +49,7 @@ from lightning_losses.checks import (
     check_tensor,
     working_dtype,
 )
+from lightning_losses.losses._opl_function import NORM_EPS, class_pair_sums
 
 AbsMode = Literal["none", "mean", "pair"]
 ABS_MODES: tuple[str, ...] = ("none", "mean", "pair")
@@ -58,6 +67,14 @@ def _check_inputs(features: Tensor, labels: Tensor) -> None:
     check_floating(check_tensor(features, "features", 2, "(B, D)"), "features")
     check_class_labels(labels, "labels")
     check_same_length(features, "features", labels, "labels")
+    if features.shape[1] == 0:
+        raise ValueError(
+            f"features must have at least one column (D >= 1), got shape {tuple(features.shape)}"
+        )
+    if labels.device != features.device:
+        raise ValueError(
+            f"labels must be on the device of features ({features.device}), got {labels.device}"
+        )
 
 
 def _check_not_empty(features: Tensor) -> None:
@@ -78,8 +95,9 @@ def pair_sums(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor,
 
     Returns ``(pos_sum, neg_sum, pos_count, neg_count)`` over ordered pairs: positives are
     i != j with the same label, negatives pairs with different labels. ``features`` are used as
-    given (normalise them first for cosines). No input checks; see
-    :func:`orthogonal_projection_loss`.
+    given (normalise them first for cosines), through autograd's element-wise ops; the loss
+    itself uses the closed-form gradient of :mod:`lightning_losses.losses._opl_function`. No
+    input checks; see :func:`orthogonal_projection_loss`.
     """
     classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     num = classes.shape[0]
@@ -97,6 +115,21 @@ def pair_sums(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor,
     return pos_sum, neg_sum, same - batch, batch * batch - same
 
 
+def _normalize_rows(features: Tensor) -> tuple[Tensor, Tensor]:
+    """``F.normalize`` values with gradient 0 for rows of norm <= 1e-12 (not 1e12 x theirs);
+    returns the rows and their norms."""
+    norms = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+    z = features / norms.clamp_min(NORM_EPS)
+    return torch.where(norms > NORM_EPS, z, z.detach()), norms[:, 0]
+
+
+def _gram_abs_neg_sum(z: Tensor, labels: Tensor) -> Tensor:
+    """Sum of |cos| over negative pairs (abs_mode="pair"): through the B x B Gram matrix, as
+    |z_i . z_j| does not factor through class sums."""
+    different = labels[:, None] != labels[None, :]
+    return (z @ z.T).abs().masked_fill(~different, 0.0).sum()
+
+
 def orthogonal_projection_loss(
     features: Tensor,
     labels: Tensor,
@@ -107,9 +140,9 @@ def orthogonal_projection_loss(
     """Orthogonal Projection Loss of a batch; see the module docstring for the math.
 
     Args:
-        features: (B, D) penultimate features, any float dtype. bf16 / fp16 inputs (and autocast)
-            are computed in float32; float32 / float64 inputs keep their dtype.
-        labels: (B,) integer class indices.
+        features: (B, D) penultimate features, any float dtype, D >= 1. bf16 / fp16 inputs (and
+            autocast) are computed in float32; float32 / float64 inputs keep their dtype.
+        labels: (B,) integer class indices >= 0, on the device of ``features``.
         gamma: weight of the negative-pair term, finite and >= 0 (0.5 in the authors' CIFAR recipe).
         abs_mode: ``"none"``, ``"mean"`` or ``"pair"`` (see the module docstring).
         eps: added to the pair counts, as in the authors' code; finite and > 0.
@@ -117,19 +150,34 @@ def orthogonal_projection_loss(
     Returns:
         :class:`OPLOutput` ``(loss, pos_mean, neg_mean)``. Degenerate batches never give NaN:
         no positive pair gives s = 0, no negative pair gives d = 0, B = 1 gives loss 1 with zero
-        gradient. B = 0 raises ValueError.
+        gradient. A row of norm <= 1e-12 (a dead feature vector) counts as a zero vector (cosine
+        0 with every row) and gets gradient 0.
+
+    Raises:
+        ValueError: B = 0, D = 0, a bad shape / dtype / device, a negative label, a NaN or inf
+        feature, or a row whose squared norm overflows the working dtype (|x| above about 1e19
+        in float32: it would be normalised to 0). The value checks cost one host read per call.
+
+    ``"none"`` and ``"mean"`` run :class:`~lightning_losses.losses._opl_function.ClassPairSums`
+    (closed-form forward and gradient, O(B D), no double backward); ``"pair"`` uses autograd
+    through the B x B Gram matrix.
     """
     _check_options(gamma, abs_mode, eps)
     _check_inputs(features, labels)
     _check_not_empty(features)
     dtype = working_dtype(features.dtype)
     with torch.autocast(device_type=features.device.type, enabled=False):
-        f = F.normalize(features.to(dtype), p=2, dim=1)
-        pos_sum, neg_sum, pos_count, neg_count = pair_sums(f, labels)
+        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         if abs_mode == "pair":
-            # |cos| does not factor through class sums: the Gram matrix is needed here.
-            different = labels[:, None] != labels[None, :]
-            neg_sum = (f @ f.T).abs().masked_fill(~different, 0.0).sum()
+            z, norms = _normalize_rows(features.to(dtype))
+            pos_sum, _, _, _ = pair_sums(z, labels)
+            neg_sum = _gram_abs_neg_sum(z, labels)
+            norm_total = norms.sum()
+        else:
+            pos_sum, neg_sum, norm_total = class_pair_sums(features, inverse, counts, dtype)
+        batch = labels.shape[0]
+        same = (counts.to(dtype) ** 2).sum()
+        pos_count, neg_count = same - batch, batch * batch - same
         # With no pair the sum is 0 in exact arithmetic; `where` keeps the 1/eps from turning
         # rounding in the class-sum form into a value or a gradient.
         pos_mean = torch.where(pos_count > 0, pos_sum / (pos_count + eps), 0.0)
@@ -137,10 +185,23 @@ def orthogonal_projection_loss(
         if abs_mode == "mean":
             neg_mean = neg_mean.abs()
         loss = (1.0 - pos_mean) + gamma * neg_mean
-    # A NaN / inf feature row makes its class sum, hence pos_sum, non-finite (normalising finite
-    # rows never does): checking one scalar is free, where scanning the features is a full pass.
-    if not torch.isfinite(pos_sum + neg_sum):
-        raise ValueError("features contain NaN or inf; check the backbone's output")
+    # One host read for every value check. A NaN / inf feature makes its row norm, hence the sum
+    # of norms, non-finite, and so does a finite row whose squared norm overflows.
+    finite, nonnegative = all_true(
+        torch.isfinite(norm_total + pos_sum.detach() + neg_sum.detach()), classes[0] >= 0
+    )
+    if not finite:
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError("features contain NaN or inf; check the backbone's output")
+        raise ValueError(
+            f"features have a row whose squared norm overflows {dtype} (largest |value| "
+            f"{features.abs().max().item():.3g}); scale the features down or pass float64"
+        )
+    if not nonnegative:
+        raise ValueError(
+            f"labels must be class indices >= 0, got {classes[0].item()}; drop ignored samples "
+            "(e.g. ignore_index = -100) before OPL instead of giving them a label"
+        )
     return OPLOutput(loss, pos_mean, neg_mean)
 
 

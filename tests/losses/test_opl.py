@@ -14,6 +14,13 @@ from lightning_losses.losses import (
     OrthogonalProjectionLoss,
     all_gather_rows,
     orthogonal_projection_loss,
+    pair_sums,
+)
+from lightning_losses.losses._opl_function import (
+    NORM_EPS,
+    ClassPairSums,
+    class_pair_sums,
+    weighted_class_sums,
 )
 
 MODES = ["none", "mean", "pair"]
@@ -203,6 +210,194 @@ def test_bf16_autocast_is_float32_accurate():
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
+# --------------------------------------------------------------------------------------------
+# The closed-form Function against the autograd class-sum path it replaced
+
+
+def autograd_opl(features, labels, gamma=0.5, abs_mode="none", eps=1e-6):
+    """The previous implementation: F.normalize and the class sums through autograd."""
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    with torch.autocast(device_type="cpu", enabled=False):
+        f = torch.nn.functional.normalize(features.to(dtype), dim=1)
+        pos_sum, neg_sum, pos_count, neg_count = pair_sums(f, labels)
+        pos_mean = torch.where(pos_count > 0, pos_sum / (pos_count + eps), 0.0)
+        neg_mean = torch.where(neg_count > 0, neg_sum / (neg_count + eps), 0.0)
+        if abs_mode == "mean":
+            neg_mean = neg_mean.abs()
+        return (1.0 - pos_mean) + gamma * neg_mean, pos_mean, neg_mean
+
+
+def _sums(features, labels, dtype=None):
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    dtype = dtype or torch.promote_types(features.dtype, torch.float32)
+    return class_pair_sums(features, inverse, counts, dtype)[:2]
+
+
+LABEL_SETS = {
+    "mixed with singletons": torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 7, 7]),
+    "one class": torch.zeros(11, dtype=torch.long),
+    "all distinct": torch.arange(11),
+    "two classes": torch.tensor([1, 0] * 5 + [1]),
+}
+
+
+@pytest.mark.parametrize("name", list(LABEL_SETS))
+def test_function_gradcheck(name):
+    labels = LABEL_SETS[name]
+    g = torch.Generator().manual_seed(21)
+    scales = torch.logspace(-3, 3, len(labels), dtype=torch.float64)[:, None]
+    x = (torch.randn(len(labels), 5, generator=g, dtype=torch.float64) * scales).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _sums(t, labels), (x,))
+
+
+@pytest.mark.parametrize("abs_mode", ["none", "mean"])
+@pytest.mark.parametrize("name", list(LABEL_SETS))
+def test_loss_gradcheck_all_outputs(abs_mode, name):
+    labels = LABEL_SETS[name]
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(len(labels), 4, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: tuple(orthogonal_projection_loss(t, labels, 0.8, abs_mode)), (x,)
+    )
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_weighted_class_sums_both_paths(sparse):
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    w = torch.rand(30, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (30,), generator=g)
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    got = weighted_class_sums(x, w, inverse, counts, sparse=sparse)
+    want = torch.stack([(x * w[:, None])[labels == c].sum(0) for c in labels.unique()])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+
+
+def _compare_with_autograd(features, labels, abs_mode, atol, rtol=0.0):
+    a = features.detach().clone().requires_grad_()
+    b = features.detach().clone().requires_grad_()
+    new = orthogonal_projection_loss(a, labels, 0.7, abs_mode)
+    old = autograd_opl(b, labels, 0.7, abs_mode)
+    for got, want in zip(new, old):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    # Weights on all three outputs, so that every upstream gradient reaches the Function.
+    (new.loss + 0.3 * new.pos_mean - 1.7 * new.neg_mean).backward()
+    (old[0] + 0.3 * old[1] - 1.7 * old[2]).backward()
+    assert a.grad.dtype == features.dtype
+    torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+    return a.grad
+
+
+@pytest.mark.parametrize("abs_mode", ["none", "mean"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_function_equals_autograd_path_float64(abs_mode, seed):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(300, 24, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 12, (300,), generator=g)
+    _compare_with_autograd(features, labels, abs_mode, atol=1e-12)
+
+
+@pytest.mark.parametrize("abs_mode", ["none", "mean"])
+def test_function_equals_autograd_path_float32(abs_mode):
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(1000, 64, generator=g).relu() * 30
+    labels = torch.randint(0, 50, (1000,), generator=g)
+    _compare_with_autograd(features, labels, abs_mode, atol=2e-6, rtol=1e-4)
+
+
+def test_function_equals_autograd_path_bf16_input_and_autocast():
+    g = torch.Generator().manual_seed(4)
+    features = torch.randn(200, 32, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 8, (200,), generator=g)
+    grad = _compare_with_autograd(features, labels, "none", atol=1e-5, rtol=1e-2)
+    assert grad.dtype == torch.bfloat16
+    # Under autocast the float32 features come back with a float32 gradient.
+    x = features.float().requires_grad_()
+    y = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = orthogonal_projection_loss(x * 1.0, labels)
+        ref = autograd_opl(y * 1.0, labels)
+    torch.testing.assert_close(out.loss, ref[0], rtol=0, atol=1e-6)
+    out.loss.backward()
+    ref[0].backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(LABEL_SETS))
+def test_function_equals_autograd_path_on_degenerate_labels(name):
+    labels = LABEL_SETS[name]
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(len(labels), 3, generator=g, dtype=torch.float64)
+    _compare_with_autograd(features, labels, "none", atol=1e-12)
+
+
+def test_function_non_contiguous_input():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(16, 40, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (40,), generator=g)
+    _compare_with_autograd(base.T, labels, "none", atol=1e-12)
+
+
+def test_b1_gives_loss_one_and_zero_gradient_in_function():
+    x = torch.randn(1, 5, dtype=torch.float64, requires_grad=True)
+    out = orthogonal_projection_loss(x, torch.tensor([2]), abs_mode="mean")
+    (out.loss + out.pos_mean + out.neg_mean).backward()
+    assert out.loss.item() == 1.0
+    assert torch.count_nonzero(x.grad) == 0
+
+
+@pytest.mark.parametrize("abs_mode", MODES)
+def test_zero_rows_get_zero_gradient_and_others_match(abs_mode):
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    features[[1, 6]] = 0.0  # dead feature vectors, one per class
+    features[8] = NORM_EPS / 4  # below the normalisation floor: also "no direction"
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    x = features.clone().requires_grad_()
+    out = orthogonal_projection_loss(x, labels, 0.5, abs_mode)
+    out.loss.backward()
+    # Values: a zero row has cosine 0 with everything (the reference loop's convention).
+    ref = reference_opl(features, labels, 0.5, abs_mode)
+    assert out.loss.item() == pytest.approx(ref[0], abs=1e-12)
+    assert torch.count_nonzero(x.grad[[1, 6, 8]]) == 0
+    # The other rows: finite differences of the loss through those rows only.
+    live = torch.tensor([i not in (1, 6, 8) for i in range(10)])
+
+    def through_live(rows):
+        full = features.clone()
+        full[live] = rows
+        return orthogonal_projection_loss(full, labels, 0.5, abs_mode).loss
+
+    rows = features[live].clone().requires_grad_()
+    assert torch.autograd.gradcheck(through_live, (rows,))
+    torch.testing.assert_close(x.grad[live], torch.autograd.grad(through_live(rows), rows)[0])
+    # The autograd path through F.normalize gives a zero row about 1e12 times the others'.
+    old = features.clone().requires_grad_()
+    autograd_opl(old, labels, 0.5, "none")[0].backward()
+    assert old.grad[1].abs().max() > 1e6
+
+
+@pytest.mark.parametrize("name", ["mixed with singletons", "one class"])
+def test_function_double_backward(name):
+    labels = LABEL_SETS[name]
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(len(labels), 3, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: _sums(t, labels), (x,))
+    assert torch.autograd.gradgradcheck(
+        lambda t: tuple(orthogonal_projection_loss(t, labels, 0.6, "mean")), (x,)
+    )
+
+
+def test_no_gradient_requested_returns_values():
+    x = torch.randn(6, 3)
+    with torch.no_grad():
+        out = orthogonal_projection_loss(x, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert not out.loss.requires_grad
+    assert ClassPairSums is not None
+
+
 @pytest.mark.parametrize(
     "features,labels,kwargs,match",
     [
@@ -243,11 +438,69 @@ def test_bf16_autocast_is_float32_accurate():
         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"eps": 0.0}, "eps"),
         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"eps": float("nan")}, "eps"),
         (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), {"eps": float("inf")}, "eps"),
+        (torch.randn(4, 0), torch.zeros(4, dtype=torch.long), {}, r"at least one column"),
+        (torch.randn(3, 2), torch.tensor([-100, 0, 1]), {}, "labels must be class indices >= 0"),
+        (torch.randn(3, 2), torch.tensor([-1, -1, 0]), {"abs_mode": "pair"}, ">= 0"),
+        (torch.tensor([[1e30, 1.0], [1.0, 2.0]]), torch.tensor([0, 1]), {}, "overflows"),
+        (
+            torch.tensor([[1e30, 1.0], [1.0, 2.0]]),
+            torch.tensor([0, 1]),
+            {"abs_mode": "pair"},
+            "overflows",
+        ),
+        (
+            torch.tensor([[float("nan"), 1.0]] * 2),
+            torch.tensor([0, 1]),
+            {"abs_mode": "pair"},
+            "NaN",
+        ),
+        (torch.tensor([[1.0, 1.0], [float("-inf"), 0.0]]), torch.tensor([0, 0]), {}, "NaN or inf"),
+        (
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long, device="meta"),
+            {},
+            "labels must be on the device of features",
+        ),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.bool), {}, "integer"),
+        (
+            torch.randn(4, 3, dtype=torch.complex64),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            "floating",
+        ),
+        (
+            torch.randn(4, 3).numpy(),
+            torch.zeros(4, dtype=torch.long),
+            {},
+            "features must be a tensor",
+        ),
+        (torch.randn(4, 3), [0, 0, 1, 1], {}, "labels must be a tensor"),
+        (torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long), {}, r"shape \(B,\)"),
+        (
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            {"gamma": torch.tensor(0.5)},
+            "gamma",
+        ),
     ],
 )
 def test_bad_input_raises_value_error(features, labels, kwargs, match):
     with pytest.raises(ValueError, match=match):
         orthogonal_projection_loss(features, labels, **kwargs)
+
+
+def test_large_finite_features_in_float64_are_fine():
+    # Rows that overflow float32's squared norm are exact in float64.
+    x = torch.tensor([[1e30, 1e30], [2e30, 1e30], [-1e30, 3e30]], dtype=torch.float64)
+    out = orthogonal_projection_loss(x, torch.tensor([0, 0, 1]))
+    ref = reference_opl(x, [0, 0, 1])
+    assert out.loss.item() == pytest.approx(ref[0], abs=1e-12)
+
+
+def test_module_checks_device_before_gathering():
+    module = OrthogonalProjectionLoss(gather_distributed=True)
+    with pytest.raises(ValueError, match="device"):
+        module(torch.randn(4, 3), torch.zeros(4, dtype=torch.long, device="meta"))
 
 
 def test_module_matches_function_and_validates_options():
@@ -275,34 +528,41 @@ def test_gather_is_identity_without_process_group():
 
 # --------------------------------------------------------------------------------------------
 # Two real processes (gloo): the gathered loss equals the single-process loss on the global
-# batch, and gradients after DDP's average equal single-process gradients.
+# batch, and gradients after DDP's average equal single-process gradients. One spawn for every
+# case (starting the processes is most of the cost).
 
 WORLD = 2
-SIZES = (5, 3)  # uneven on purpose: the gather must pad and trim
+# (abs_mode, rows per rank): uneven on purpose (the gather must pad and trim), and a rank with
+# no rows at all (only the gathered batch must be non-empty).
+CASES = [("none", (5, 3)), ("mean", (5, 3)), ("pair", (5, 3)), ("none", (8, 0))]
 
 
 def _global_batch():
     g = torch.Generator().manual_seed(11)
-    features = torch.randn(sum(SIZES), 6, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 3, (sum(SIZES),), generator=g)
+    features = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    features[2] = 0.0  # a dead row on rank 0: zero gradient everywhere
+    labels = torch.randint(0, 3, (8,), generator=g)
     return features, labels
 
 
-def _ddp_worker(rank: int, port: int, abs_mode: str, results) -> None:
+def _ddp_worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         features, labels = _global_batch()
-        start = sum(SIZES[:rank])
-        local = features[start : start + SIZES[rank]].clone().requires_grad_(True)
-        loss_fn = OrthogonalProjectionLoss(gamma=0.5, abs_mode=abs_mode, gather_distributed=True)
-        out = loss_fn(local, labels[start : start + SIZES[rank]])
-        out.loss.backward()
-        # What DDP does to parameter gradients: the average over ranks of each rank's gradient.
-        grad = torch.zeros_like(features)
-        grad[start : start + SIZES[rank]] = local.grad
-        torch.distributed.all_reduce(grad)
-        results[rank] = (out.loss.detach(), grad / WORLD)
+        for index, (abs_mode, sizes) in enumerate(CASES):
+            start = sum(sizes[:rank])
+            local = features[start : start + sizes[rank]].clone().requires_grad_(True)
+            loss_fn = OrthogonalProjectionLoss(
+                gamma=0.5, abs_mode=abs_mode, gather_distributed=True
+            )
+            out = loss_fn(local, labels[start : start + sizes[rank]])
+            out.loss.backward()
+            # What DDP does to parameter gradients: the average over ranks of each rank's one.
+            grad = torch.zeros_like(features)
+            grad[start : start + sizes[rank]] = local.grad
+            torch.distributed.all_reduce(grad)
+            results[(rank, index)] = (out.loss.detach(), grad / WORLD)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -313,24 +573,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("abs_mode", ["none", "pair"])
-def test_gathered_loss_and_gradient_equal_single_process(abs_mode):
+def test_gathered_loss_and_gradient_equal_single_process():
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
         mp.start_processes(
-            _ddp_worker,
-            args=(_free_port(), abs_mode, results),
-            nprocs=WORLD,
-            join=True,
-            start_method="spawn",
+            _ddp_worker, args=(_free_port(), results), nprocs=WORLD, join=True, start_method="spawn"
         )
         results = dict(results)
     features, labels = _global_batch()
-    x = features.clone().requires_grad_(True)
-    single = orthogonal_projection_loss(x, labels, 0.5, abs_mode).loss
-    single.backward()
-    for rank in range(WORLD):
-        loss, grad = results[rank]
-        torch.testing.assert_close(loss, single.detach(), rtol=0, atol=1e-12)
-        torch.testing.assert_close(grad, x.grad, rtol=0, atol=1e-12)
+    for index, (abs_mode, _) in enumerate(CASES):
+        x = features.clone().requires_grad_(True)
+        single = orthogonal_projection_loss(x, labels, 0.5, abs_mode).loss
+        single.backward()
+        assert torch.count_nonzero(x.grad[2]) == 0
+        for rank in range(WORLD):
+            loss, grad = results[(rank, index)]
+            torch.testing.assert_close(loss, single.detach(), rtol=0, atol=1e-12)
+            torch.testing.assert_close(grad, x.grad, rtol=0, atol=1e-12)
