@@ -11,29 +11,27 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
-from unittest.mock import patch
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-CLASSIFIER_CONFIG = ROOT / "configs" / "opl" / "digits_ce.yaml"
+from lightning_losses.cli import packaged_config
+
+CLASSIFIER_CONFIG = packaged_config("opl/digits_ce.yaml")
 CALIBRATORS = {
-    "temperature scaling": ROOT / "configs" / "calibration" / "digits_ts.yaml",
-    "CE calibrator": ROOT / "configs" / "calibration" / "digits_ce.yaml",
-    "CA calibrator": ROOT / "configs" / "calibration" / "digits_ca.yaml",
+    "temperature scaling": packaged_config("calibration/digits_ts.yaml"),
+    "CE calibrator": packaged_config("calibration/digits_ce.yaml"),
+    "CA calibrator": packaged_config("calibration/digits_ca.yaml"),
 }
 METRICS = ["ece", "ece25", "adaptive_ece", "nll", "brier", "auroc", "acc"]
 SHIFTS = ["rotation", "gaussian_noise", "gaussian_blur", "contrast"]
 
 
 def _cli(config: dict[str, Any]) -> Any:
-    from lightning_losses.cli import main
+    from lightning_losses.cli import run_config
 
-    with patch.object(sys, "argv", sys.argv[:1]):  # the demo's own flags are not the CLI's
-        return main(args=config, run=False)
+    return run_config(config, subcommand=None)
 
 
 def _quiet(trainer: dict[str, Any]) -> None:

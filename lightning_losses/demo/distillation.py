@@ -13,17 +13,15 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from unittest.mock import patch
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs" / "distillation"
+from lightning_losses.cli import packaged_config
+
 #: The committed digits teacher (``lightning_losses/assets/digits_teacher``).
 TEACHER = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher"
 #: framework -> config stem (``<stem>.yaml`` without EL, ``<stem>_el.yaml`` with EL).
@@ -34,7 +32,7 @@ def config_path(framework: str, el: bool) -> Path:
     """The digits config of ``framework`` ("DMD", "DI", "CM"), with or without EL."""
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {sorted(FRAMEWORKS)}, got {framework!r}")
-    return CONFIGS / f"{FRAMEWORKS[framework]}{'_el' if el else ''}.yaml"
+    return packaged_config(f"distillation/{FRAMEWORKS[framework]}{'_el' if el else ''}.yaml")
 
 
 def global_steps(model_args: dict[str, Any], class_path: str, generator_steps: int) -> int:
@@ -77,7 +75,7 @@ def distill(
         ``{"history": [(step, fid), ...], "fid": last fid, "seconds": fit time, "model": module}``.
     """
     from lightning_losses.callbacks import FIDCallback
-    from lightning_losses.cli import main
+    from lightning_losses.cli import run_config
 
     path = config_path(framework, el)
     config = yaml.safe_load(path.read_text())
@@ -109,8 +107,7 @@ def distill(
     )
     with tempfile.TemporaryDirectory() as root:  # the CLI's config.yaml lands here
         config["trainer"]["default_root_dir"] = root
-        with patch.object(sys, "argv", sys.argv[:1]):  # the caller's flags are not the CLI's
-            cli = main(args=copy.deepcopy(config), run=False)
+        cli = run_config(copy.deepcopy(config), subcommand=None)
         start = time.perf_counter()
         cli.trainer.fit(cli.model, cli.datamodule)
         seconds = time.perf_counter() - start
@@ -161,19 +158,10 @@ def _plot_histories(runs: dict[str, dict], teacher_fid: float, path: Path) -> No
 
 
 def run(out_dir: Path, quick: bool = False) -> str:
-    """DMD, DMD + EL, DI and CM (with and without EL) on digits; write results; return markdown."""
-    import torch
+    """DMD, DMD + EL, DI and CM (with and without EL) on digits; write results; return markdown.
 
-    # These UNets are tiny: one thread is faster than two on a small, shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(out_dir, quick)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(out_dir: Path, quick: bool) -> str:
+    Torch's thread count is the caller's (``python -m lightning_losses.demo`` sets 1).
+    """
     import torch
 
     from lightning_losses.metrics.digits_fid import digits_fid
@@ -193,9 +181,6 @@ def _run(out_dir: Path, quick: bool) -> str:
     grids = {"teacher (18 Heun steps)": teacher_samples[:64]}
     for framework, el in arms:
         name = framework + ("+EL" if el else "")
-        if not config_path(framework, el).exists():
-            print(f"{name}: no config, skipped")
-            continue
         outcome = distill(framework, el, seed, steps[framework], fid_every[framework],
                           fid_samples=fid_samples)  # fmt: skip
         model = outcome.pop("model")

@@ -10,20 +10,20 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
-from unittest.mock import patch
 
 import yaml
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "opl" / "digits.yaml"
+from lightning_losses.cli import packaged_config
+
+CONFIG = packaged_config("opl/digits.yaml")
 ARMS = {"CE": 0.0, "CE+OPL": 1.0}
 
 
 def _run_config(base: dict[str, Any], seed: int, opl_weight: float, noise: float) -> dict:
     from lightning_losses.callbacks import FeatureGeometryCallback
-    from lightning_losses.cli import main
+    from lightning_losses.cli import run_config
 
     config = copy.deepcopy(base)
     config["seed_everything"] = seed
@@ -36,8 +36,7 @@ def _run_config(base: dict[str, Any], seed: int, opl_weight: float, noise: float
         enable_model_summary=False,
         callbacks=[{"class_path": "lightning_losses.callbacks.FeatureGeometryCallback"}],
     )
-    with patch.object(sys, "argv", sys.argv[:1]):  # the demo's own flags are not the CLI's
-        cli = main(args=config, run=False)
+    cli = run_config(config, subcommand=None)
     cli.trainer.fit(cli.model, cli.datamodule)
     (metrics,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     geometry = next(c for c in cli.trainer.callbacks if isinstance(c, FeatureGeometryCallback))
@@ -87,7 +86,7 @@ def _plot_geometry(runs: dict[str, dict], path: Path) -> None:
 def run(out_dir: Path, quick: bool = False, config: Path = CONFIG) -> str:
     """Run every (noise, seed, arm); write ``opl_results.json`` and a figure; return markdown."""
     if not config.exists():
-        raise FileNotFoundError(f"{config} not found: run the demo from a clone of the repository")
+        raise FileNotFoundError(f"config {config} not found")
     base = yaml.safe_load(config.read_text())
     seeds = [0] if quick else [0, 1, 2]
     noise_rates = [0.0, 0.4]
