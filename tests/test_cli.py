@@ -90,7 +90,7 @@ def test_run_config_dict_file_and_overrides_build_the_same_model():
     from_dict_overrides = run_config(config, ["--model.init_args.gamma=0.25"], subcommand=None)
     reference = from_file.model.state_dict()
     for cli in (from_dict, from_dict_overrides):
-        assert cli.model.gamma == 0.25 and cli.trainer.max_epochs == 30
+        assert cli.model.hparams.gamma == 0.25 and cli.trainer.max_epochs == 30
         state = cli.model.state_dict()  # seed_everything: 0 before each build
         assert state.keys() == reference.keys()
         assert all(torch.equal(state[k], reference[k]) for k in reference)

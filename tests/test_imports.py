@@ -1,0 +1,79 @@
+"""What importing each layer pulls in (DESIGN.md): the pure sub-packages never import Lightning.
+
+Each case runs in a fresh interpreter (this one has imported everything already). Two rules:
+
+* no module under ``losses/``, ``metrics/``, ``nets/``, ``diffusion/`` imports Lightning: the
+  sub-package AND every module under it are imported (``pkgutil.walk_packages``), so a module
+  that no ``__init__`` re-exports counts too;
+* importing a sub-package (its ``__init__``), or ``lightning_losses`` itself, loads none of the
+  heavy optional libraries: they are imported where used (``torchmetrics``, which loads
+  matplotlib and torchvision's data sets on import, only by the modules of Metric classes;
+  diffusers only by its wrappers in ``diffusion/pipelines.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PURE = ["lightning_losses.losses", "lightning_losses.metrics", "lightning_losses.nets",
+        "lightning_losses.diffusion"]  # fmt: skip
+LIGHTNING = ["lightning", "pytorch_lightning", "lightning_fabric"]
+HEAVY = ["diffusers", "matplotlib", "torchvision.datasets", "torchmetrics"]
+#: package -> what ``import package`` alone must not load, per DESIGN.md.
+FORBIDDEN_ON_IMPORT = {
+    "lightning_losses": [*LIGHTNING, *HEAVY, "torch"],  # the top level stays light
+    "lightning_losses.losses": [*LIGHTNING, *HEAVY, "torchvision"],  # torch only
+    "lightning_losses.metrics": [*LIGHTNING, *HEAVY],
+    "lightning_losses.nets": [*LIGHTNING, *HEAVY],
+    "lightning_losses.diffusion": [*LIGHTNING, *HEAVY],
+}
+
+_PROBE = """
+import importlib, json, pkgutil, sys
+package = importlib.import_module(sys.argv[1])
+on_import = sorted(sys.modules)
+names = [sys.argv[1]]
+if sys.argv[2] == "walk":
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(info.name)
+        names.append(info.name)
+print(json.dumps({"imported": names, "on_import": on_import, "loaded": sorted(sys.modules)}))
+"""
+
+
+def _probe(package: str, walk: bool) -> dict[str, list[str]]:
+    """In a fresh interpreter: ``sys.modules`` after ``import package``, then after the walk."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, package, "walk" if walk else "top"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _present(names: list[str], loaded: list[str]) -> list[str]:
+    return sorted(n for n in names if n in loaded or any(m.startswith(n + ".") for m in loaded))
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN_ON_IMPORT))
+def test_imports_follow_the_layering(package):
+    walk = package in PURE
+    found = _probe(package, walk)
+    bad = _present(FORBIDDEN_ON_IMPORT[package], found["on_import"])
+    assert not bad, f"import {package} loaded {bad}: import them where they are used"
+    if walk:
+        assert len(found["imported"]) > 2, found["imported"]  # the walk found the modules
+        bad = _present(LIGHTNING, found["loaded"])
+        assert not bad, f"importing {package} and its modules {found['imported']} loaded {bad}"
