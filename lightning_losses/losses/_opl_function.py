@@ -95,6 +95,27 @@ def differentiable_pair_sums(f: Tensor, inverse: Tensor, multi: Tensor) -> tuple
     return pos_sum, (total * total).sum() - class_sum_sq.sum()
 
 
+def row_dots(a: Tensor, b: Tensor, chunk_elements: int = 2**16) -> Tensor:
+    """``(a * b).sum(dim=1)`` for (B, D) tensors without a B x D temporary.
+
+    On the CPU the product goes through one cache-sized buffer, chunk by chunk of rows (as fast
+    as a single reduction pass, where ``bmm`` of B 1 x D by D x 1 products is 4x slower);
+    elsewhere ``torch.linalg.vecdot``.
+    """
+    if a.device.type != "cpu":
+        return torch.linalg.vecdot(a, b, dim=1)
+    batch, dim = a.shape
+    rows = max(1, chunk_elements // max(dim, 1))
+    out = a.new_empty(batch)
+    buffer = a.new_empty(min(rows, batch), dim)
+    for start in range(0, batch, rows):
+        stop = min(batch, start + rows)
+        part = buffer[: stop - start]
+        torch.mul(a[start:stop], b[start:stop], out=part)
+        torch.sum(part, dim=1, out=out[start:stop])
+    return out
+
+
 class ClassPairSums(torch.autograd.Function):
     """``(P, N, sum of row norms)`` of the module docstring from raw features.
 
@@ -143,7 +164,7 @@ class ClassPairSums(torch.autograd.Function):
         v = grad_neg
         table = class_sums * (u - v)[:, None] + v * total  # T_c, (C, D)
         grad = table.index_select(0, inverse)  # the only B x D buffer
-        dots = torch.bmm(f.unsqueeze(1), grad.unsqueeze(2)).view(-1)  # f_i . T_c
+        dots = row_dots(f, grad)  # f_i . T_c
         live = (norms > NORM_EPS).to(f.dtype)
         a = 2.0 * weights * live
         b = -2.0 * weights * weights * (weights * dots) * live

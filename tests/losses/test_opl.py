@@ -20,6 +20,7 @@ from lightning_losses.losses._opl_function import (
     NORM_EPS,
     ClassPairSums,
     class_pair_sums,
+    row_dots,
     weighted_class_sums,
 )
 
@@ -271,6 +272,14 @@ def test_weighted_class_sums_both_paths(sparse):
     got = weighted_class_sums(x, w, inverse, counts, sparse=sparse)
     want = torch.stack([(x * w[:, None])[labels == c].sum(0) for c in labels.unique()])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 2**16])
+def test_row_dots_chunks(chunk):
+    g = torch.Generator().manual_seed(24)
+    a = torch.randn(37, 9, generator=g, dtype=torch.float64)
+    b = torch.randn(37, 9, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(row_dots(a, b, chunk), (a * b).sum(1), rtol=0, atol=1e-14)
 
 
 def _compare_with_autograd(features, labels, abs_mode, atol, rtol=0.0):
