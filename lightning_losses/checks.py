@@ -24,6 +24,8 @@ __all__ = [
     "check_float",
     "check_floating",
     "check_int",
+    "check_logits",
+    "check_not_probabilities",
     "check_positive_int",
     "check_same_length",
     "check_tensor",
@@ -154,3 +156,32 @@ def all_true(*conditions: Tensor) -> list[bool]:
         return []
     stacked = torch.stack([c.reshape(()).to(torch.bool) for c in conditions])
     return [bool(v) for v in stacked.tolist()]
+
+
+def check_logits(value: object, name: str = "logits") -> Tensor:
+    """Return ``value`` if it is a 2-D floating-point (N, C) tensor, C >= 2 (reads no values)."""
+    logits = check_floating(check_tensor(value, name, 2, "(N, C)"), name)
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"{name} must have C >= 2 classes (shape (N, C)), got {tuple(logits.shape)}"
+        )
+    return logits
+
+
+def check_not_probabilities(logits: Tensor, name: str = "logits", allow: bool = False) -> None:
+    """Raise when EVERY row of ``logits`` is a probability vector (in [0, 1], summing to 1
+    within 1e-3), almost always probabilities passed where logits belong: one host read.
+
+    ``allow=True`` (the caller's ``allow_probabilities``) skips the check. An empty tensor passes.
+    """
+    if allow or logits.numel() == 0:
+        return
+    x = logits.detach()
+    sums = x.sum(dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
+    inside = (x >= 0).all() & (x <= 1).all() & ((sums - 1).abs() <= 1e-3).all()
+    if bool(inside):
+        raise ValueError(
+            f"{name} must be logits, got rows that are all probability vectors (in [0, 1], "
+            "summing to 1): pass the classifier's logits (or their log), or set "
+            "allow_probabilities=True"
+        )

@@ -73,6 +73,9 @@ class CachedOutputs(Dataset):
     """Per-item classifier outputs: ``{"logits": (C,), "view_logits": (V, C), "labels": ()}``.
 
     Built by :meth:`CalibrationDataModule.cache_outputs`; batched by :func:`collate_cached`.
+    After :meth:`set_features` (the calibrator's own inputs, computed once from the cached
+    logits), items carry ``"features"`` instead of ``"view_logits"``. A whole batch is read
+    with one index per tensor (``__getitems__``), not one item at a time.
     """
 
     def __init__(self, logits: Tensor, labels: Tensor, view_logits: Tensor | None = None) -> None:
@@ -81,23 +84,53 @@ class CachedOutputs(Dataset):
                 f"view_logits must be (N, V, C) with N = {logits.shape[0]}, got "
                 f"{tuple(view_logits.shape)}"
             )
+        if labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"labels must have one entry per row of logits ({logits.shape[0]}), got "
+                f"{labels.shape[0]}"
+            )
         self.logits = logits
         self.labels = labels
         self.view_logits = view_logits
+        self.features: Tensor | None = None
+
+    def set_features(self, features: Tensor) -> None:
+        """Serve ``features`` (N, F) instead of the views' logits from now on."""
+        if not isinstance(features, Tensor) or features.ndim != 2 or len(features) != len(self):
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features)
+            raise ValueError(f"features must be a tensor of shape (N={len(self)}, F), got {shape}")
+        self.features = features
 
     def __len__(self) -> int:
         return self.logits.shape[0]
 
+    def _fields(self) -> dict[str, Tensor]:
+        fields = {"logits": self.logits, "labels": self.labels}
+        if self.features is not None:
+            fields["features"] = self.features
+        elif self.view_logits is not None:
+            fields["view_logits"] = self.view_logits
+        return fields
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        item = {"logits": self.logits[index], "labels": self.labels[index]}
-        if self.view_logits is not None:
-            item["view_logits"] = self.view_logits[index]
-        return item
+        return {key: value[index] for key, value in self._fields().items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        rows = torch.as_tensor(indices, dtype=torch.int64)
+        batch = {key: value[rows] for key, value in self._fields().items()}
+        batch[_BATCHED] = torch.ones(())
+        return batch
 
 
-def collate_cached(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+_BATCHED = "_batched"  # marks a batch that __getitems__ already stacked
+
+
+def collate_cached(items: list[dict[str, Tensor]] | dict[str, Tensor]) -> dict[str, Tensor]:
     """Stack cached items; ``view_logits`` comes out ``(V, B, C)`` like the classifier's."""
-    batch = default_collate(items)
+    if isinstance(items, dict) and _BATCHED in items:
+        batch = {key: value for key, value in items.items() if key != _BATCHED}
+    else:
+        batch = default_collate(items)
     if "view_logits" in batch:
         batch["view_logits"] = batch["view_logits"].transpose(0, 1)
     return batch

@@ -14,7 +14,10 @@ class-balance weights :math:`w_i = 1 - a` for correct samples, :math:`w_i = a` f
 
 The weights make both groups count equally (each group's weights sum to :math:`a (1 - a) N`).
 When the batch is all correct or all wrong, :math:`\\sum_i w_i = 0` and the loss falls back to the
-unweighted mean :math:`\\frac1N \\sum_i (c_i - y_i)^2`. ``weighting="none"`` uses that unweighted
+unweighted mean :math:`\\frac1N \\sum_i (c_i - y_i)^2`. ``weighting="balanced"`` is the authors'
+code exactly (weights from each mini-batch's accuracy); ``weighting="split"`` takes :math:`a` from a
+given ``accuracy`` (e.g. the whole calibration split's) instead of the batch's, so the weights do
+not jump between batches of a split with few errors; ``weighting="none"`` uses the unweighted
 mean for every batch: the balance moves the minimiser for a sample that is correct with
 probability :math:`p` from :math:`c^* = p` to :math:`c^* = (1-a)p / ((1-a)p + a(1-p))`, which is
 under-confident whenever :math:`a > 1/2`.
@@ -37,7 +40,8 @@ inputs are upcast and autocast is disabled inside); float64 inputs stay float64.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+import math
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +51,7 @@ from lightning_losses.checks import (
     all_true,
     check_choice,
     check_class_labels,
+    check_float,
     check_floating,
     check_same_length,
     check_tensor,
@@ -63,10 +68,12 @@ __all__ = [
     "calibration_cross_entropy",
     "calibration_mse",
     "correctness_aware_loss",
+    "correctness_aware_objective",
     "correctness_weights",
+    "tempered_confidence",
 ]
 
-CA_WEIGHTINGS: tuple[str, ...] = ("balanced", "none")
+CA_WEIGHTINGS: tuple[str, ...] = ("balanced", "split", "none")
 
 
 class CalibrationLossOutput(NamedTuple):
@@ -144,10 +151,61 @@ def _correctness_weights(logits: Tensor, labels: Tensor, dtype: torch.dtype) -> 
     return CorrectnessWeights(correct, weights)
 
 
+def correctness_aware_objective(
+    confidence: Tensor,
+    correct: Tensor,
+    weighting: Literal["balanced", "split", "none"] = "balanced",
+    accuracy: float | Tensor | None = None,
+) -> CalibrationLossOutput:
+    """The CA loss from top-label confidences and correctness: the formula of the module docstring.
+
+    :func:`correctness_aware_loss` computes ``confidence`` and ``correct`` from calibrated logits
+    and calls this; a fit on cached logits (:func:`tempered_confidence`) calls it directly.
+
+    Args:
+        confidence: (N,) top-label confidences :math:`c_i` in [0, 1] (differentiable).
+        correct: (N,) correctness :math:`y_i` in {0, 1} (a constant), the dtype of ``confidence``.
+        weighting: ``"balanced"``, ``"split"`` or ``"none"`` (see the module docstring).
+        accuracy: the :math:`a` of ``weighting="split"`` in [0, 1]; must be None otherwise.
+
+    Returns:
+        ``(loss, accuracy, confidence)``: the loss, the mean of ``correct`` and the mean
+        confidence (both without gradient).
+    """
+    check_choice(weighting, "weighting", CA_WEIGHTINGS)
+    if (weighting == "split") != (accuracy is not None):
+        raise ValueError(
+            'accuracy must be given with weighting="split" (the calibration split\'s accuracy) '
+            f"and only then, got weighting={weighting!r}, accuracy={accuracy!r}"
+        )
+    squared = (confidence - correct) ** 2
+    if weighting == "none":
+        loss = squared.mean()
+    else:
+        if weighting == "split":
+            if isinstance(accuracy, Tensor):
+                a = accuracy.detach().to(confidence.dtype)
+            else:
+                a = torch.tensor(
+                    check_float(accuracy, "accuracy", minimum=0.0, maximum=1.0),
+                    dtype=confidence.dtype,
+                    device=confidence.device,
+                )
+        else:
+            a = correct.mean()
+        weights = torch.where(correct > 0, 1.0 - a, a)
+        total = weights.sum()
+        # The weights are exactly 0 for every sample iff the batch is all correct or wrong.
+        weighted = (weights * squared).sum() / torch.where(total > 0, total, 1.0)
+        loss = torch.where(total > 0, weighted, squared.mean())
+    return CalibrationLossOutput(loss, correct.mean(), confidence.detach().mean())
+
+
 def correctness_aware_loss(
     logits: Tensor,
     labels: Tensor,
-    weighting: Literal["balanced", "none"] = "balanced",
+    weighting: Literal["balanced", "split", "none"] = "balanced",
+    accuracy: float | Tensor | None = None,
 ) -> CalibrationLossOutput:
     """Correctness-aware loss of a batch of calibrated logits; see the module docstring.
 
@@ -155,8 +213,10 @@ def correctness_aware_loss(
         logits: (N, C) CALIBRATED logits, e.g. :math:`z_0 / T(x)`; finite, any float dtype.
             bf16 / fp16 (and autocast) are computed in float32, float64 stays float64.
         labels: (N,) integer class indices in [0, C).
-        weighting: ``"balanced"`` (the paper's class-balance weights :math:`w_i`) or ``"none"``
+        weighting: ``"balanced"`` (the paper's class-balance weights :math:`w_i` from the batch's
+            accuracy), ``"split"`` (the same weights from a given ``accuracy``) or ``"none"``
             (the plain mean of :math:`(c_i - y_i)^2`).
+        accuracy: :math:`a` for ``weighting="split"``, in [0, 1].
 
     Returns:
         ``(loss, accuracy, confidence)``. Gradient flows through the confidences :math:`c_i`
@@ -165,26 +225,86 @@ def correctness_aware_loss(
         :math:`(c_i - y_i)^2`, never NaN.
 
     Raises:
-        ValueError: naming ``logits``, ``labels`` or ``weighting`` on a wrong shape, dtype,
-            value range or option.
+        ValueError: naming ``logits``, ``labels``, ``weighting`` or ``accuracy`` on a wrong
+            shape, dtype, value range or option.
     """
     check_choice(weighting, "weighting", CA_WEIGHTINGS)
     _check_logits_labels(logits, labels)
     dtype = working_dtype(logits)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         z = logits.to(dtype)
-        correct, weights = _correctness_weights(z.detach(), labels, dtype)
+        correct = (z.detach().argmax(dim=1) == labels).to(dtype)
         pred = z.detach().argmax(dim=1, keepdim=True)
         confidence = torch.softmax(z, dim=1).gather(1, pred).squeeze(1)
-        squared = (confidence - correct) ** 2
-        if weighting == "none":
-            loss = squared.mean()
-        else:
-            total = weights.sum()
-            # The weights are exactly 0 for every sample iff the batch is all correct or wrong.
-            weighted = (weights * squared).sum() / torch.where(total > 0, total, 1.0)
-            loss = torch.where(total > 0, weighted, squared.mean())
-    return CalibrationLossOutput(loss, correct.mean(), confidence.detach().mean())
+        return correctness_aware_objective(confidence, correct, weighting, accuracy)
+
+
+LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+
+
+class _TemperedConfidence(torch.autograd.Function):
+    """:math:`c_i = 1 / \\sum_k e_{ik}`, :math:`e_{ik} = 2^{b_{ik} / T_i}` for base-2 shifted
+    logits :math:`b = d \\log_2 e` (row max 0), with the closed-form gradient
+    :math:`\\partial c_i / \\partial T_i = c_i^2 \\ln 2 \\sum_k e_{ik} b_{ik} / T_i^2`: three
+    element-wise passes over ``b`` forward (exp2 is about twice as fast as exp on the CPU), O(N)
+    backward. ``work`` (same shape as ``b``) is overwritten: a preallocated buffer spares a
+    step the page faults of a fresh (N, C) allocation."""
+
+    @staticmethod
+    def forward(ctx: Any, base2: Tensor, temperature: Tensor, work: Tensor | None) -> Tensor:
+        e = torch.div(base2, temperature[:, None], out=work) if work is not None else None
+        e = base2 / temperature[:, None] if e is None else e
+        e.exp2_()
+        total = e.sum(dim=1)
+        moment = e.mul_(base2).sum(dim=1)
+        confidence = total.reciprocal()
+        ctx.save_for_backward(confidence, moment, temperature)
+        return confidence
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        confidence, moment, temperature = ctx.saved_tensors
+        scale = math.log(2.0) * confidence * confidence / (temperature * temperature)
+        return None, grad * moment * scale, None
+
+
+def tempered_confidence(
+    shifted_logits: Tensor, temperature: Tensor, base: Literal["e", "2"] = "e"
+) -> Tensor:
+    """Top-label confidence :math:`\\max_k \\mathrm{softmax}(z_i / T_i)_k` of FROZEN logits.
+
+    ``shifted_logits`` are :math:`d_i = z_i - \\max_k z_{ik}` (every row's maximum exactly 0:
+    compute them once per cached split); then :math:`c_i = 1 / \\sum_k \\exp(d_{ik} / T_i)`
+    (the predicted class is the same for every :math:`T_i > 0`). Gradient flows to
+    ``temperature`` only, in closed form (three element-wise passes forward, none backward):
+    the value of ``softmax(z / T).max(1)`` to float rounding, several times faster at large C.
+    With ``base="2"``, ``shifted_logits`` are given as :math:`d \\log_2 e` (a fit multiplies
+    once, not every step).
+
+    Args:
+        shifted_logits: (N, C) floating-point, every row's maximum 0; no gradient.
+        temperature: (N,) positive temperatures of the same dtype and device.
+        base: ``"e"`` (natural-log logits) or ``"2"`` (already multiplied by log2(e)).
+    """
+    check_tensor(shifted_logits, "shifted_logits", 2, "(N, C)")
+    check_floating(shifted_logits, "shifted_logits")
+    check_tensor(temperature, "temperature", 1, "(N,)")
+    check_same_length(shifted_logits, "shifted_logits", temperature, "temperature")
+    check_choice(base, "base", ("e", "2"))
+    if temperature.dtype != shifted_logits.dtype:
+        raise ValueError(
+            f"temperature must have the dtype of shifted_logits ({shifted_logits.dtype}), got "
+            f"{temperature.dtype}"
+        )
+    base2 = shifted_logits.detach()
+    base2 = base2 * LOG2_E if base == "e" else base2
+    return _TemperedConfidence.apply(base2, temperature, None)
+
+
+def _tempered_confidence_into(base2: Tensor, temperature: Tensor, work: Tensor) -> Tensor:
+    """:func:`tempered_confidence` of base-2 shifted logits with a preallocated ``work``
+    buffer of their shape (no checks: the fitting loop's inner call)."""
+    return _TemperedConfidence.apply(base2, temperature, work)
 
 
 def _summary(z: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -227,12 +347,19 @@ def calibration_mse(logits: Tensor, labels: Tensor) -> CalibrationLossOutput:
 class CorrectnessAwareLoss(nn.Module):
     """:func:`correctness_aware_loss` as a module (``forward(logits, labels)``)."""
 
-    def __init__(self, weighting: Literal["balanced", "none"] = "balanced") -> None:
+    def __init__(
+        self,
+        weighting: Literal["balanced", "split", "none"] = "balanced",
+        accuracy: float | None = None,
+    ) -> None:
         super().__init__()
         self.weighting = check_choice(weighting, "weighting", CA_WEIGHTINGS)
+        self.accuracy = accuracy
 
     def forward(self, logits: Tensor, labels: Tensor) -> CalibrationLossOutput:
-        return correctness_aware_loss(logits, labels, weighting=self.weighting)
+        return correctness_aware_loss(
+            logits, labels, weighting=self.weighting, accuracy=self.accuracy
+        )
 
 
 class CalibrationCrossEntropy(nn.Module):

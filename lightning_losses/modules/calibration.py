@@ -11,14 +11,20 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from lightning_losses.checks import check_choice, check_not_probabilities
 from lightning_losses.losses.calibration import (
+    CA_WEIGHTINGS,
     calibration_cross_entropy,
     calibration_mse,
     correctness_aware_loss,
 )
 from lightning_losses.losses.opl import all_gather_rows
 from lightning_losses.modules._hparams import save_config_hyperparameters
-from lightning_losses.nets.calibrators import TemperatureCalibrator, TemperatureScaling
+from lightning_losses.nets.calibrators import (
+    PostHocCalibrator,
+    TemperatureCalibrator,
+    TemperatureScaling,
+)
 
 LOSSES = {"ca": correctness_aware_loss, "ce": calibration_cross_entropy, "mse": calibration_mse}
 DIGITS_CE_COMMAND = "lightning-losses fit --config configs/opl/digits_ce.yaml"
@@ -62,6 +68,14 @@ class PostHocCalibration(L.LightningModule):
     - ``"ce"``: cross-entropy / NLL of the calibrated logits (the usual objective),
     - ``"mse"``: the Brier score of the calibrated probabilities.
 
+    The calibrator's inputs that depend on the cached logits alone (the CA calibrator's
+    :meth:`~lightning_losses.nets.CorrectnessAwareCalibrator.features`) are computed once when
+    the outputs are cached, so a training step never touches the views' (V, B, C) logits.
+    Calibrators that are not trained by gradient (histogram binning, isotonic regression, ...:
+    every :class:`~lightning_losses.nets.calibrators.PostHocCalibrator` that is not a
+    :class:`~lightning_losses.nets.calibrators.TemperatureCalibrator`) are fitted in closed form
+    by their ``fit`` on the cached calibration split at the start of ``fit``.
+
     :class:`~lightning_losses.nets.TemperatureScaling` is fitted with LBFGS and a strong-Wolfe
     line search (full batch: give the data module a batch size of at least the calibration
     split; under DDP it fits on the batches gathered from every rank, so each rank takes the same
@@ -83,6 +97,10 @@ class PostHocCalibration(L.LightningModule):
         optimizer: builds the optimizer of a non-TS calibrator.
         lbfgs_max_iter: LBFGS iterations per step for temperature scaling.
         test_after_fit: ``lightning-losses fit`` runs the test sets right after fitting.
+        weighting: the CA loss's weighting (``"balanced"``: the authors' per-batch weights;
+            ``"split"``: the weights from the whole calibration split's accuracy; ``"none"``).
+        allow_probabilities: fit even when the classifier's outputs are all probability rows
+            (refused by default: a calibrator is fitted on logits).
     """
 
     def __init__(
@@ -95,14 +113,19 @@ class PostHocCalibration(L.LightningModule):
         optimizer: OptimizerCallable = _adam,
         lbfgs_max_iter: int = 100,
         test_after_fit: bool = True,
+        weighting: Literal["balanced", "split", "none"] = "balanced",
+        allow_probabilities: bool = False,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
-        if not isinstance(calibrator, TemperatureCalibrator):
+        check_choice(weighting, "weighting", CA_WEIGHTINGS)
+        if weighting != "balanced" and loss != "ca":
+            raise ValueError(f"weighting applies to loss='ca' only, got loss={loss!r}")
+        if not isinstance(calibrator, PostHocCalibrator):
             raise ValueError(
-                "calibrator must be a TemperatureCalibrator (TemperatureScaling or "
-                f"CorrectnessAwareCalibrator), got {type(calibrator).__name__}"
+                "calibrator must be a PostHocCalibrator (TemperatureScaling, "
+                f"CorrectnessAwareCalibrator, ...), got {type(calibrator).__name__}"
             )
         if classifier is None and classifier_checkpoint is None:
             raise ValueError("give classifier (an nn.Module), classifier_checkpoint, or both")
@@ -120,6 +143,9 @@ class PostHocCalibration(L.LightningModule):
         self.optimizer = optimizer
         self.lbfgs_max_iter = lbfgs_max_iter
         self.test_after_fit = test_after_fit
+        self.weighting = weighting
+        self.allow_probabilities = allow_probabilities
+        self.split_accuracy: float | None = None
         self.automatic_optimization = False
         self.test_set_names: list[str] = []
         self.test_class_subsets: list[list[int] | None] = []
@@ -168,6 +194,8 @@ class PostHocCalibration(L.LightningModule):
                     f"{self.num_classes}, but the classifier gives {cached.logits.shape[1]} "
                     "logits per sample"
                 )
+            if cached is not None:
+                self._prepare_cached(datamodule.cached, cached)
         if stage == "test" and datamodule is not None and hasattr(datamodule, "test_set_names"):
             self.test_set_names = list(datamodule.test_set_names)
         if stage == "test" and not self.test_set_names:
@@ -186,24 +214,64 @@ class PostHocCalibration(L.LightningModule):
                 }
             )
 
-    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(logits, view_logits or None, labels) from a cached or an image batch."""
+    def _prepare_cached(self, splits: dict[str, Any], train: Any) -> None:
+        """Once per fit, on the cached outputs: refuse probability rows, fit a closed-form
+        calibrator, compute the calibrator's own inputs (the CA features) once."""
+        check_not_probabilities(
+            train.logits, "the classifier's outputs (cached logits)", self.allow_probabilities
+        )
+        if self.weighting == "split":
+            correct = train.logits.argmax(dim=1) == train.labels
+            self.split_accuracy = float(correct.double().mean())
+        if not isinstance(self.calibrator, TemperatureCalibrator):
+            view_logits = train.view_logits
+            if view_logits is not None:
+                view_logits = view_logits.transpose(0, 1)
+            # On the CPU, where the cache lives (and the calibrator still is during setup).
+            self.calibrator.fit(
+                train.logits,
+                train.labels,
+                view_logits,
+                allow_probabilities=self.allow_probabilities,
+            )
+            return
+        if not hasattr(self.calibrator, "features"):
+            return
+        for cached in {id(v): v for v in splits.values()}.values():
+            if cached.view_logits is None:
+                continue
+            # cached.view_logits are (N, V, C); the calibrator takes (V, N, C).
+            features = self.calibrator.features(cached.logits, cached.view_logits.transpose(0, 1))
+            cached.set_features(features)
+
+    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """(logits, view_logits or None, features or None, labels) from a cached or an image
+        batch."""
         if isinstance(batch, dict):  # cached by the data module
-            return batch["logits"], batch.get("view_logits"), batch["labels"]
+            return (
+                batch["logits"],
+                batch.get("view_logits"),
+                batch.get("features"),
+                batch["labels"],
+            )
         if len(batch) == 3:
             images, views, labels = batch
         else:
             (images, labels), views = batch, None
         logits, view_logits = self.classifier_logits(images, views)
-        return logits, view_logits, labels
+        return logits, view_logits, None, labels
 
-    def _loss(self, batch: Any) -> Tensor:
-        logits, view_logits, labels = self._unpack(batch)
-        return self.loss_fn(self.calibrator(logits, view_logits), labels).loss
+    def _objective(self, calibrated: Tensor, labels: Tensor) -> Any:
+        if self.loss_name == "ca":
+            accuracy = self.split_accuracy if self.weighting == "split" else None
+            return correctness_aware_loss(calibrated, labels, self.weighting, accuracy)
+        return self.loss_fn(calibrated, labels)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if not isinstance(self.calibrator, TemperatureCalibrator):
+            return None  # fitted in closed form at setup
         optimizer = self.optimizers()
-        logits, view_logits, labels = self._unpack(batch)
+        logits, view_logits, features, labels = self._unpack(batch)
         # LBFGS runs the closure a data-dependent number of times and, under DDP, every
         # manual_backward all-reduces the gradients: ranks that saw different losses would run
         # different numbers of backward passes and deadlock. Temperature scaling therefore fits
@@ -218,7 +286,7 @@ class PostHocCalibration(L.LightningModule):
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            out = self.loss_fn(self.calibrator(logits, view_logits), labels)
+            out = self._objective(self.calibrator(logits, view_logits, features), labels)
             parts.update(accuracy=out.accuracy, confidence=out.confidence)
             loss = out.loss
             self.manual_backward(loss)
@@ -235,14 +303,14 @@ class PostHocCalibration(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        logits, view_logits, labels = self._unpack(batch)
-        out = self.loss_fn(self.calibrator(logits, view_logits), labels)
+        logits, view_logits, features, labels = self._unpack(batch)
+        out = self._objective(self.calibrator(logits, view_logits, features), labels)
         for key, value in out._asdict().items():
             self.log(f"val/{key}", value, batch_size=labels.shape[0], sync_dist=True)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         name = self.test_set_names[dataloader_idx]
-        logits, view_logits, labels = self._unpack(batch)
+        logits, view_logits, _, labels = self._unpack(batch)
         subset = self.test_class_subsets[dataloader_idx]
         if subset is not None:  # e.g. ImageNet-A / -R: only their 200 classes compete
             from lightning_losses.datamodules.shifts import restrict_logits
@@ -264,7 +332,9 @@ class PostHocCalibration(L.LightningModule):
                 add_dataloader_idx=False,
             )
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        if not isinstance(self.calibrator, TemperatureCalibrator):
+            return None  # fitted in closed form at setup
         params = list(self.calibrator.parameters())
         if isinstance(self.calibrator, TemperatureScaling):
             return torch.optim.LBFGS(

@@ -14,8 +14,10 @@ from lightning_losses.nets.backbones import (
     feature_dim_of,
     load_state_dict_file,
 )
+from lightning_losses.nets.calibrator_fit import FitHistory, fit_calibrator
 from lightning_losses.nets.calibrators import (
     CorrectnessAwareCalibrator,
+    PostHocCalibrator,
     TemperatureCalibrator,
     TemperatureScaling,
     fit_temperature,
@@ -52,6 +54,9 @@ __all__ = [
     "resnet56",
     "resnet110",
     "CorrectnessAwareCalibrator",
+    "FitHistory",
+    "PostHocCalibrator",
+    "fit_calibrator",
     "TemperatureCalibrator",
     "TemperatureScaling",
     "fit_temperature",

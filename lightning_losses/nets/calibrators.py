@@ -24,38 +24,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_losses.checks import (
+    check_class_labels,
+    check_logits,
+    check_not_probabilities,
+    check_positive_int,
+    check_same_length,
+    check_tensor,
+)
+
 __all__ = [
     "CorrectnessAwareCalibrator",
+    "PostHocCalibrator",
     "TemperatureCalibrator",
     "TemperatureScaling",
     "fit_temperature",
 ]
-
-
-def _check_logits(logits: Tensor) -> None:
-    if not isinstance(logits, Tensor) or logits.ndim != 2:
-        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"logits must be a 2-D tensor of shape (N, C), got {shape}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
-    if logits.shape[1] < 2:
-        raise ValueError(
-            f"logits must have C >= 2 classes (shape (N, C)), got {tuple(logits.shape)}"
-        )
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _rows_are_probabilities(logits: Tensor) -> bool:
-    """Whether every row lies in [0, 1] and sums to 1 (within 1e-3): one host read."""
-    x = logits.detach()
-    sums = x.sum(dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
-    inside = (x >= 0).all() & (x <= 1).all() & ((sums - 1).abs() <= 1e-3).all()
-    return bool(inside)
 
 
 def _check_bounds(t_min: float, t_max: float) -> None:
@@ -66,14 +50,62 @@ def _check_bounds(t_min: float, t_max: float) -> None:
         )
 
 
-class TemperatureCalibrator(nn.Module):
-    """Base class: calibrated logits are ``logits / temperature(logits, view_logits)[:, None]``.
+def check_fit_inputs(
+    logits: Tensor, labels: Tensor, allow_probabilities: bool, name: str = "logits"
+) -> None:
+    """The checks every ``fit`` runs once: (N, C) float logits with N >= 1 that are finite and
+    not all probability rows, (N,) integer labels in [0, C). Two host reads in all."""
+    check_logits(logits, name)
+    if logits.shape[0] == 0:
+        raise ValueError(
+            f"{name} must hold at least one sample (N >= 1) to fit a calibrator, got "
+            f"{tuple(logits.shape)}: the calibration split is empty"
+        )
+    check_class_labels(labels, "labels")
+    check_same_length(logits, name, labels, "labels")
+    num_classes = logits.shape[1]
+    if labels.device != logits.device:
+        raise ValueError(
+            f"labels must be on the device of {name} ({logits.device}), got {labels.device}"
+        )
+    low, high = torch.aminmax(logits.detach())  # NaN propagates; no (N, C) bool tensor
+    in_range, finite, unit_range = (
+        bool(v)
+        for v in torch.stack(
+            [
+                ((labels >= 0) & (labels < num_classes)).all(),
+                torch.isfinite(low + high),
+                (low >= 0) & (high <= 1),
+            ]
+        ).tolist()
+    )
+    if not in_range:
+        raise ValueError(
+            f"labels must be class indices in [0, {num_classes}), got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    if not finite:
+        raise ValueError(f"{name} must be finite, got NaN or inf")
+    if unit_range:  # only then can every row be a probability vector
+        check_not_probabilities(logits, name, allow=allow_probabilities)
 
-    Subclasses implement :meth:`temperature` returning (N,) positive temperatures in the working
-    dtype (at least float32) and set ``requires_views`` (whether ``view_logits`` is needed).
+
+class PostHocCalibrator(nn.Module):
+    """Base class of every post-hoc calibrator: calibrated logits from a frozen classifier's.
+
+    ``forward(logits, view_logits=None, features=None)`` returns (N, C) calibrated logits in at
+    least float32: their softmax is the calibrated probability vector. ``fit(logits, labels,
+    view_logits=None, allow_probabilities=False)`` fits the calibrator on the CACHED logits of a
+    calibration split and returns it. ``fit`` refuses N = 0, non-finite logits and logits whose
+    rows are all probability vectors (unless ``allow_probabilities=True``): one check per fit;
+    ``forward`` checks shapes only (no host read per call).
+
+    ``requires_views``: whether ``view_logits`` (V, N, C) are needed. ``preserves_accuracy``:
+    whether the argmax of the calibrated logits always equals the argmax of the input.
     """
 
     requires_views: bool = False
+    preserves_accuracy: bool = True
 
     def _working_dtype(self, logits: Tensor) -> torch.dtype:
         dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -82,19 +114,47 @@ class TemperatureCalibrator(nn.Module):
             break
         return dtype
 
-    def temperature(self, logits: Tensor, view_logits: Tensor | None = None) -> Tensor:
+    def forward(
+        self, logits: Tensor, view_logits: Tensor | None = None, features: Tensor | None = None
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def fit(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        view_logits: Tensor | None = None,
+        allow_probabilities: bool = False,
+    ) -> PostHocCalibrator:
+        raise NotImplementedError
+
+
+class TemperatureCalibrator(PostHocCalibrator):
+    """Base class: calibrated logits are ``logits / temperature(logits, view_logits)[:, None]``.
+
+    Subclasses implement :meth:`temperature` returning (N,) positive temperatures in the working
+    dtype (at least float32) and set ``requires_views`` (whether ``view_logits`` is needed).
+    """
+
+    def temperature(
+        self, logits: Tensor, view_logits: Tensor | None = None, features: Tensor | None = None
+    ) -> Tensor:
         """(N,) temperatures T_i > 0 for the N samples of ``logits``."""
         raise NotImplementedError
 
-    def forward(self, logits: Tensor, view_logits: Tensor | None = None) -> Tensor:
+    def forward(
+        self, logits: Tensor, view_logits: Tensor | None = None, features: Tensor | None = None
+    ) -> Tensor:
         """Calibrated logits :math:`z_i / T_i`, shape (N, C), in at least float32.
 
         Args:
             logits: (N, C) logits of the original inputs.
             view_logits: (V, N, C) logits of the transformed views, or None where the
                 calibrator does not use them (see ``requires_views``).
+            features: the calibrator's precomputed inputs (see
+                :meth:`CorrectnessAwareCalibrator.features`) instead of ``view_logits``.
         """
-        temperature = self.temperature(logits, view_logits)
+        temperature = self.temperature(logits, view_logits, features)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             return logits.to(temperature.dtype) / temperature[:, None]
 
@@ -147,13 +207,53 @@ class TemperatureScaling(TemperatureCalibrator):
         # The second clamp only removes the rounding of exp(log(t_max)) above t_max.
         return log_t.exp().clamp(self.t_min, self.t_max)
 
-    def temperature(self, logits: Tensor, view_logits: Tensor | None = None) -> Tensor:
-        """The scalar T expanded to (N,); ``view_logits`` is ignored."""
-        _check_logits(logits)
+    def temperature(
+        self, logits: Tensor, view_logits: Tensor | None = None, features: Tensor | None = None
+    ) -> Tensor:
+        """The scalar T expanded to (N,); ``view_logits`` and ``features`` are ignored."""
+        check_logits(logits)
         dtype = self._working_dtype(logits)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             t = self.scalar_temperature().to(device=logits.device, dtype=dtype)
             return t.expand(logits.shape[0])
+
+    def fit(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        view_logits: Tensor | None = None,
+        allow_probabilities: bool = False,
+        max_iter: int = 100,
+    ) -> TemperatureScaling:
+        """Fit T by NLL from the current T (see :func:`fit_temperature`); returns ``self``.
+
+        The fit runs in float64 on a detached copy of ``logits``; the fitted :math:`\\log T`
+        is then copied into ``log_temperature`` (its dtype and device kept).
+        ``view_logits`` is accepted and ignored.
+        """
+        check_fit_inputs(logits, labels, allow_probabilities)
+        check_positive_int(max_iter, "max_iter")
+        z = logits.detach().to(torch.float64)
+        targets = labels.long()
+        replica = TemperatureScaling(1.0, self.t_min, self.t_max)
+        replica = replica.to(device=logits.device, dtype=torch.float64)
+        with torch.no_grad():
+            replica.log_temperature.copy_(self.log_temperature.detach())
+        optimizer = torch.optim.LBFGS(
+            [replica.log_temperature], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(replica(z), targets)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
+            optimizer.step(closure)
+        with torch.no_grad():
+            self.log_temperature.copy_(replica.log_temperature.detach())
+        return self
 
     def extra_repr(self) -> str:
         t = float(self.scalar_temperature().detach())
@@ -187,48 +287,8 @@ def fit_temperature(
     Returns:
         A float32 :class:`TemperatureScaling` on the logits' device holding the fitted T.
     """
-    _check_logits(logits)
-    if logits.shape[0] == 0:
-        raise ValueError(
-            f"logits must hold at least one sample (N >= 1) to fit a temperature, got "
-            f"{tuple(logits.shape)}: the calibration split is empty"
-        )
-    if not allow_probabilities and _rows_are_probabilities(logits):
-        raise ValueError(
-            "logits must be logits, got rows that are all probability vectors (in [0, 1], "
-            "summing to 1): pass the classifier's logits (or their log), or set "
-            "allow_probabilities=True"
-        )
-    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(
-            f"labels must be a 1-D tensor of shape (N,) = ({logits.shape[0]},), got {shape}"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
-    num_classes = logits.shape[1]
-    if bool((labels < 0).any()) or bool((labels >= num_classes).any()):
-        raise ValueError(f"labels must be class indices in [0, {num_classes})")
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("logits contain NaN or inf")
-    _check_positive_int("max_iter", max_iter)
-
-    z = logits.detach().to(torch.float64)
-    targets = labels.long()
-    model = TemperatureScaling(init_temperature).to(device=logits.device, dtype=torch.float64)
-    optimizer = torch.optim.LBFGS(
-        [model.log_temperature], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(z), targets)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
-        optimizer.step(closure)
-    return model.float()
+    model = TemperatureScaling(init_temperature).to(logits.device)
+    return model.fit(logits, labels, max_iter=max_iter, allow_probabilities=allow_probabilities)
 
 
 class CorrectnessAwareCalibrator(TemperatureCalibrator):
@@ -272,6 +332,7 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
     """
 
     requires_views = True
+    FEATURE_CHUNK_ELEMENTS = 1 << 22  # rows per chunk of :meth:`features`: 4M view logits
 
     def __init__(
         self,
@@ -283,9 +344,9 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
         init_std: float = 1e-3,
     ) -> None:
         super().__init__()
-        _check_positive_int("num_views", num_views)
-        _check_positive_int("top_k", top_k)
-        _check_positive_int("hidden", hidden)
+        check_positive_int(num_views, "num_views")
+        check_positive_int(top_k, "top_k")
+        check_positive_int(hidden, "hidden")
         _check_bounds(t_min, t_max)
         if not (math.isfinite(init_std) and init_std >= 0):
             raise ValueError(f"init_std must be a finite float >= 0, got {init_std!r}")
@@ -311,7 +372,7 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
         nn.init.zeros_(last.bias)
 
     def _check_views(self, logits: Tensor, view_logits: Tensor | None) -> None:
-        _check_logits(logits)
+        check_logits(logits)
         expected = f"({self.num_views}, {logits.shape[0]}, {logits.shape[1]})"
         if view_logits is None:
             raise ValueError(
@@ -340,17 +401,39 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
         """
         self._check_views(logits, view_logits)
         dtype = self._working_dtype(logits)
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            top = logits.detach().topk(self.top_k, dim=1, largest=True, sorted=True).indices
-            probs = torch.softmax(view_logits.to(dtype), dim=-1)  # (V, N, C)
-            index = top.unsqueeze(0).expand(self.num_views, -1, -1)  # (V, N, k)
-            gathered = probs.gather(2, index)  # (V, N, k)
-            return gathered.permute(1, 0, 2).reshape(logits.shape[0], -1)
+        n = logits.shape[0]
+        out = torch.empty(n, self.num_views * self.top_k, dtype=dtype, device=logits.device)
+        # In chunks of rows: the (V, rows, C) softmax of all N rows at once would need
+        # V * N * C extra numbers (600 MB at N = 50,000, C = 1000, V = 3). Row-wise, so the
+        # result does not depend on the chunking.
+        chunk = max(1, self.FEATURE_CHUNK_ELEMENTS // max(1, self.num_views * logits.shape[1]))
+        with torch.no_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
+            for start in range(0, n, chunk):
+                rows = slice(start, start + chunk)
+                top = logits[rows].detach().topk(self.top_k, dim=1, largest=True, sorted=True)
+                probs = torch.softmax(view_logits[:, rows].detach().to(dtype), dim=-1)
+                index = top.indices.unsqueeze(0).expand(self.num_views, -1, -1)  # (V, n, k)
+                gathered = probs.gather(2, index)  # (V, n, k)
+                out[rows] = gathered.permute(1, 0, 2).reshape(-1, out.shape[1])
+        return out
 
-    def temperature(self, logits: Tensor, view_logits: Tensor | None = None) -> Tensor:
-        """(N,) per-sample temperatures in (t_min, t_max) (see the class docstring)."""
-        x = self.features(logits, view_logits)
-        with torch.autocast(device_type=logits.device.type, enabled=False):
+    def _check_features(self, logits: Tensor, features: Tensor) -> None:
+        check_logits(logits)
+        expected = f"(N, top_k * num_views) = ({logits.shape[0]}, {self.top_k * self.num_views})"
+        check_tensor(features, "features", 2, expected)
+        if features.shape != (logits.shape[0], self.top_k * self.num_views):
+            raise ValueError(
+                f"features must have shape {expected} (from CorrectnessAwareCalibrator.features), "
+                f"got {tuple(features.shape)}"
+            )
+        if not features.is_floating_point():
+            raise ValueError(f"features must be a floating-point tensor, got {features.dtype}")
+
+    def temperature_from_features(self, features: Tensor) -> Tensor:
+        """(N,) per-sample temperatures from precomputed (N, k V) :meth:`features`."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            dtype = torch.promote_types(features.dtype, self._working_dtype(features))
+            x = features.to(dtype)
             layers = self.mlp
             first, last = layers[0], layers[-1]
             h = F.relu(F.linear(x, first.weight.to(x.dtype), first.bias.to(x.dtype)))
@@ -358,6 +441,39 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
             log_t = self.log_t_min + self.log_t_range * torch.sigmoid(u + self.offset)
             # Mathematically a no-op; it only removes the rounding of exp(log(t_max)).
             return log_t.exp().clamp(self.t_min, self.t_max)
+
+    def temperature(
+        self, logits: Tensor, view_logits: Tensor | None = None, features: Tensor | None = None
+    ) -> Tensor:
+        """(N,) per-sample temperatures in (t_min, t_max) (see the class docstring).
+
+        ``features`` (the output of :meth:`features` for these logits and views, computed once
+        for a cached split) replace ``view_logits``: the views' softmax is then not recomputed.
+        """
+        if features is None:
+            features = self.features(logits, view_logits)
+        else:
+            self._check_features(logits, features)
+        dtype = self._working_dtype(logits)
+        return self.temperature_from_features(features.to(dtype))
+
+    def fit(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        view_logits: Tensor | None = None,
+        allow_probabilities: bool = False,
+        **options: object,
+    ) -> CorrectnessAwareCalibrator:
+        """Train on cached logits with :func:`~lightning_losses.nets.calibrator_fit.fit_calibrator`
+        (the CA loss, the authors' Adam recipe by default; ``options`` are its keywords);
+        returns ``self``."""
+        from lightning_losses.nets.calibrator_fit import fit_calibrator
+
+        fit_calibrator(
+            self, logits, labels, view_logits, allow_probabilities=allow_probabilities, **options
+        )
+        return self
 
     def extra_repr(self) -> str:
         return (

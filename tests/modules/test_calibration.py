@@ -297,15 +297,25 @@ def test_cached_logits_equal_a_fresh_forward_of_the_calibration_split(net):
             torch.testing.assert_close(cached.view_logits[i], reference(views))
             assert int(cached.labels[i]) == int(label)
 
-    # A cached training batch: view_logits (V, B, C), column b belongs to logits row b.
+    # After the fit's setup the cached batches carry the CA calibrator's inputs, computed
+    # once: (B, k V) features, no views' logits.
     batch = next(iter(data.train_dataloader()))
     b = batch["logits"].shape[0]
-    assert batch["view_logits"].shape == (3, b, 10) and b == 64
+    assert "view_logits" not in batch and batch["features"].shape == (b, 12) and b == 64
+    expected = module.calibrator.features(cached.logits, cached.view_logits.transpose(0, 1))
     for column in range(b):
         rows = (cached.logits == batch["logits"][column]).all(dim=1).nonzero().flatten()
         assert len(rows) == 1
-        assert torch.equal(batch["view_logits"][:, column], cached.view_logits[rows[0]])
+        assert torch.equal(batch["features"][column], expected[rows[0]])
         assert batch["labels"][column] == cached.labels[rows[0]]
+
+    # Without features: view_logits (V, B, C), column b belongs to logits row b.
+    cached.features = None
+    batch = next(iter(data.train_dataloader()))
+    assert batch["view_logits"].shape == (3, b, 10)
+    for column in range(b):
+        rows = (cached.logits == batch["logits"][column]).all(dim=1).nonzero().flatten()
+        assert torch.equal(batch["view_logits"][:, column], cached.view_logits[rows[0]])
 
     # The module's own image path gives the same (V, N, C) order.
     images, views, _ = default_collate([data.train_dataset[i] for i in range(5)])

@@ -190,7 +190,7 @@ def test_view_validation():
         cal(logits, views.permute(1, 0, 2))
     with pytest.raises(ValueError, match="view_logits must be a floating"):
         cal(logits, views.long())
-    with pytest.raises(ValueError, match="logits must be a 2-D"):
+    with pytest.raises(ValueError, match=r"logits must be a tensor of shape \(N, C\)"):
         cal(logits[0], views)
     with pytest.raises(ValueError, match="logits must be a floating"):
         cal(logits.long(), views)
@@ -245,7 +245,7 @@ def test_temperature_scaling_basics():
     for kwargs in ({"init_temperature": 0.0}, {"init_temperature": -1.0}, {"t_min": 0.0}):
         with pytest.raises(ValueError, match="init_temperature|t_min"):
             TemperatureScaling(**kwargs)
-    with pytest.raises(ValueError, match="logits must be a 2-D"):
+    with pytest.raises(ValueError, match=r"logits must be a tensor of shape \(N, C\)"):
         ts(logits[0])
 
 
@@ -273,7 +273,7 @@ def test_fit_temperature_recovers_planted_temperature():
 
 def test_fit_temperature_validation():
     z, labels = _perfectly_calibrated(1, 16)
-    with pytest.raises(ValueError, match="labels must be a 1-D"):
+    with pytest.raises(ValueError, match=r"labels must have one entry per row of logits \(16\)"):
         fit_temperature(z, labels[:8])
     with pytest.raises(ValueError, match="labels must be an integer"):
         fit_temperature(z, labels.float())
@@ -281,7 +281,7 @@ def test_fit_temperature_validation():
         fit_temperature(z, labels + 10)
     with pytest.raises(ValueError, match="max_iter"):
         fit_temperature(z, labels, max_iter=0)
-    with pytest.raises(ValueError, match="logits must be a 2-D"):
+    with pytest.raises(ValueError, match=r"logits must be a tensor of shape \(N, C\)"):
         fit_temperature(z[0], labels)
 
 

@@ -1,0 +1,274 @@
+"""Fit a per-sample temperature calibrator by gradient descent on CACHED logits, without Lightning.
+
+The frozen classifier's logits :math:`z_0` (N, C) and its views' logits (V, N, C) of a calibration
+split do not change during the fit, so everything that depends on them alone is computed ONCE:
+
+- the calibrator's inputs (:meth:`~lightning_losses.nets.CorrectnessAwareCalibrator.features`:
+  every view's softmax at the original top-k classes), so no step touches the (V, N, C) views;
+- for the CA objective, the shifted logits :math:`d_i = z_i - \\max_k z_{ik}` and the correctness
+  :math:`y_i`, so that a step's confidence :math:`c_i = 1 / \\sum_k \\exp(d_{ik} / T_i)` is one pass
+  over the batch's logits with a closed-form gradient
+  (:func:`~lightning_losses.losses.calibration.tempered_confidence`).
+
+``precompute=False`` recomputes all of it every step through the calibrator's ``forward`` and
+:func:`~lightning_losses.losses.calibration.correctness_aware_loss`: the slow reference, which
+gives the same fit to rounding (tests and ``benchmarks/calibration_fit.py`` check it).
+
+Defaults are the CA authors' recipe (their ``set_temperature``): Adam, lr 1e-4, mini-batches of
+1000 in a fresh random order every epoch (the last, smaller batch kept), 10 epochs, on the whole
+split, no early stopping. Options: a held-out share of the split with best-epoch selection and
+``patience`` (early stopping), the objective (``"ca"``, ``"ce"``, ``"mse"``) and the CA weighting.
+
+Imports torch only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_losses.checks import (
+    check_choice,
+    check_float,
+    check_int,
+    check_positive_int,
+    check_tensor,
+)
+from lightning_losses.losses.calibration import (
+    CA_WEIGHTINGS,
+    LOG2_E,
+    _tempered_confidence_into,
+    calibration_cross_entropy,
+    calibration_mse,
+    correctness_aware_loss,
+    correctness_aware_objective,
+)
+from lightning_losses.nets.calibrators import TemperatureCalibrator, check_fit_inputs
+
+__all__ = ["OBJECTIVES", "FitHistory", "epoch_batches", "fit_calibrator"]
+
+OBJECTIVES: tuple[str, ...] = ("ca", "ce", "mse")
+
+
+class FitHistory(NamedTuple):
+    """What :func:`fit_calibrator` did."""
+
+    steps: int
+    """Optimizer steps taken."""
+    epochs: int
+    """Epochs run (the last possibly cut short by ``max_steps``)."""
+    best_epoch: int | None
+    """1-based epoch whose weights were kept (held-out selection), None without a held-out set."""
+    train_loss: list[float]
+    """Mean training objective of every epoch."""
+    holdout_loss: list[float]
+    """Held-out objective after every epoch (empty without a held-out set)."""
+
+
+def epoch_batches(
+    n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False
+) -> list[Tensor]:
+    """One epoch's mini-batches of row indices: a fresh ``randperm(n)`` cut into ``batch_size``
+    pieces (the last, smaller one dropped with ``drop_last``, kept otherwise as the authors'
+    ``DataLoader(shuffle=True)``)."""
+    order = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if drop_last else n
+    return [order[i : min(i + batch_size, stop)] for i in range(0, stop, batch_size)]
+
+
+def _holdout_split(n: int, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(train rows, held-out rows)``: ``round(fraction * n)`` random rows held out."""
+    size = int(round(fraction * n))
+    if fraction > 0 and not 1 <= size <= n - 1:
+        raise ValueError(
+            f"holdout_fraction={fraction} of N = {n} rows holds out {size}: it must leave at "
+            "least one row on each side"
+        )
+    order = torch.randperm(n, generator=generator)
+    return order[size:].sort().values, order[:size].sort().values
+
+
+def fit_calibrator(
+    calibrator: TemperatureCalibrator,
+    logits: Tensor,
+    labels: Tensor,
+    view_logits: Tensor | None = None,
+    *,
+    objective: Literal["ca", "ce", "mse"] = "ca",
+    weighting: Literal["balanced", "split", "none"] = "balanced",
+    epochs: int = 10,
+    batch_size: int = 1000,
+    lr: float = 1e-4,
+    max_steps: int | None = None,
+    holdout_fraction: float = 0.0,
+    patience: int | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+    precompute: bool = True,
+    allow_probabilities: bool = False,
+) -> FitHistory:
+    """Train ``calibrator`` in place with Adam on mini-batches of cached logits.
+
+    Args:
+        calibrator: a :class:`~lightning_losses.nets.TemperatureCalibrator` with parameters,
+            e.g. :class:`~lightning_losses.nets.CorrectnessAwareCalibrator`; moved to the logits'
+            device.
+        logits: (N, C) finite logits of the calibration split (not probabilities).
+        labels: (N,) integer class indices in [0, C).
+        view_logits: (V, N, C) logits of the views, for a calibrator with ``requires_views``.
+        objective: ``"ca"`` (correctness-aware), ``"ce"`` (NLL) or ``"mse"`` (Brier).
+        weighting: the CA weighting; ``"split"`` takes :math:`a` from the training rows' accuracy.
+        epochs: passes over the training rows, >= 1.
+        batch_size: rows per step, >= 1.
+        lr: Adam's learning rate, > 0.
+        max_steps: stop after this many steps (None: ``epochs`` decide).
+        holdout_fraction: share of the rows held out (in [0, 1)); with a held-out set the
+            objective is evaluated on it after every epoch and the best epoch's weights kept.
+        patience: stop after this many epochs without a held-out improvement (needs a held-out
+            set; None: run every epoch).
+        seed: seed of the held-out split and of the batch order.
+        drop_last: drop every epoch's last, smaller batch.
+        precompute: compute the inputs once (fast); False recomputes them every step.
+        allow_probabilities: fit even if every row of ``logits`` is a probability vector.
+
+    Returns:
+        A :class:`FitHistory`.
+    """
+    if not isinstance(calibrator, TemperatureCalibrator):
+        raise ValueError(
+            f"calibrator must be a TemperatureCalibrator, got {type(calibrator).__name__}"
+        )
+    check_choice(objective, "objective", OBJECTIVES)
+    check_choice(weighting, "weighting", CA_WEIGHTINGS)
+    epochs = check_positive_int(epochs, "epochs")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    lr = check_float(lr, "lr", minimum=0.0, strict_minimum=True)
+    if max_steps is not None:
+        max_steps = check_positive_int(max_steps, "max_steps")
+    holdout_fraction = check_float(
+        holdout_fraction, "holdout_fraction", minimum=0.0, maximum=1.0, strict_maximum=True
+    )
+    if patience is not None:
+        patience = check_int(patience, "patience", minimum=1)
+        if holdout_fraction == 0:
+            raise ValueError("patience needs a held-out set: give holdout_fraction > 0")
+    if not isinstance(precompute, bool):
+        raise ValueError(f"precompute must be a bool, got {precompute!r}")
+    check_fit_inputs(logits, labels, allow_probabilities)
+    params = [p for p in calibrator.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"calibrator {type(calibrator).__name__} has no trainable parameters")
+    needs_views = calibrator.requires_views
+    if needs_views:
+        check_tensor(view_logits, "view_logits", 3, "(V, N, C)")
+        if view_logits.shape[1:] != logits.shape:
+            raise ValueError(
+                f"view_logits must have shape (V, N, C) = (V, {logits.shape[0]}, "
+                f"{logits.shape[1]}), got {tuple(view_logits.shape)}"
+            )
+        if view_logits.numel() and not bool(torch.isfinite(sum(torch.aminmax(view_logits)))):
+            raise ValueError("view_logits must be finite, got NaN or inf")
+
+    device = logits.device
+    calibrator.to(device)
+    generator = torch.Generator().manual_seed(int(seed))
+    train_rows, holdout_rows = _holdout_split(logits.shape[0], holdout_fraction, generator)
+    dtype = calibrator._working_dtype(logits)
+    with torch.no_grad():
+        z = logits.detach().to(dtype)
+        targets = labels.long()
+        correct = (z.argmax(dim=1) == targets).to(dtype)
+        # Base-2 shifted logits (d log2 e), for exp2 in every step's confidence.
+        base2 = (z - z.max(dim=1, keepdim=True).values) * LOG2_E if objective == "ca" else None
+        fast_inputs = precompute and hasattr(calibrator, "temperature_from_features")
+        features = calibrator.features(z, view_logits) if needs_views and fast_inputs else None
+    split_accuracy = correct[train_rows].mean() if weighting == "split" else None
+
+    def loss_of(rows: Tensor, weights_accuracy: Tensor | None) -> Tensor:
+        if not precompute:  # the reference: everything from the cached tensors, every step
+            views = view_logits[:, rows] if needs_views else None
+            calibrated = calibrator(logits[rows], views)
+            if objective == "ca":
+                return correctness_aware_loss(
+                    calibrated, labels[rows], weighting, weights_accuracy
+                ).loss
+            fn = calibration_cross_entropy if objective == "ce" else calibration_mse
+            return fn(calibrated, labels[rows]).loss
+        if features is not None:
+            temperature = calibrator.temperature_from_features(features[rows])
+        else:
+            views = view_logits[:, rows] if needs_views else None
+            temperature = calibrator.temperature(z[rows], views)
+        temperature = temperature.to(dtype)
+        if objective == "ca":
+            batch = torch.index_select(base2, 0, rows, out=gathered[: len(rows)])
+            confidence = _tempered_confidence_into(batch, temperature, work[: len(rows)])
+            return correctness_aware_objective(
+                confidence, correct[rows], weighting, weights_accuracy
+            ).loss
+        scaled = z[rows] / temperature[:, None]
+        if objective == "ce":
+            return F.cross_entropy(scaled, targets[rows])
+        probs = torch.softmax(scaled, dim=1)
+        onehot = F.one_hot(targets[rows], probs.shape[1]).to(dtype)
+        return ((probs - onehot) ** 2).sum(dim=1).mean()
+
+    # Preallocated (B, C) buffers: a fresh 4 MB tensor every step costs page faults.
+    width = (batch_size if not len(holdout_rows) else max(batch_size, len(holdout_rows)),)
+    gathered = (
+        torch.empty(width + z.shape[1:], dtype=dtype, device=device) if base2 is not None else None
+    )
+    work = torch.empty_like(gathered) if gathered is not None else None
+    # The fused implementation (one kernel for every parameter) where torch has it.
+    try:
+        optimizer = torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        optimizer = torch.optim.Adam(params, lr=lr)
+    steps, epoch = 0, 0
+    train_losses: list[float] = []
+    holdout_losses: list[float] = []
+    best: tuple[float, int, dict] | None = None
+    holdout_accuracy = (
+        correct[holdout_rows].mean() if weighting == "split" and len(holdout_rows) else None
+    )
+    calibrator.train()
+    with torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
+        while epoch < epochs and (max_steps is None or steps < max_steps):
+            epoch += 1
+            total, count = torch.zeros((), dtype=torch.float64), 0
+            for batch in epoch_batches(len(train_rows), batch_size, generator, drop_last):
+                if max_steps is not None and steps >= max_steps:
+                    break
+                rows = train_rows[batch].to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_of(rows, split_accuracy)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                total += loss.detach().double().cpu() * len(rows)
+                count += len(rows)
+            train_losses.append(float(total) / max(count, 1))
+            if len(holdout_rows):
+                with torch.no_grad():
+                    value = float(loss_of(holdout_rows.to(device), holdout_accuracy))
+                holdout_losses.append(value)
+                if best is None or value < best[0]:
+                    best = (value, epoch, copy.deepcopy(calibrator.state_dict()))
+                elif patience is not None and epoch - best[1] >= patience:
+                    break
+    calibrator.eval()
+    if not all(math.isfinite(v) for v in train_losses):
+        raise FloatingPointError(
+            f"the {objective} objective became NaN or inf during the fit (epoch losses "
+            f"{train_losses}); lower lr"
+        )
+    best_epoch = None
+    if best is not None:
+        calibrator.load_state_dict(best[2])
+        best_epoch = best[1]
+    return FitHistory(steps, epoch, best_epoch, train_losses, holdout_losses)

@@ -1,0 +1,193 @@
+"""fit_calibrator on cached logits: precomputed inputs give the fit of the per-step reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_losses.losses.calibration import (
+    correctness_aware_loss,
+    correctness_aware_objective,
+    tempered_confidence,
+)
+from lightning_losses.nets import CorrectnessAwareCalibrator, TemperatureScaling
+from lightning_losses.nets.calibrator_fit import epoch_batches, fit_calibrator
+
+
+def _problem(n=300, c=7, v=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, c, generator=g, dtype=dtype) * 2
+    labels = torch.randint(0, c, (n,), generator=g)
+    u[torch.arange(n), labels] += 2.0
+    views = torch.stack([u + 0.7 * torch.randn(n, c, generator=g, dtype=dtype) for _ in range(v)])
+    return u, labels, views
+
+
+def test_tempered_confidence_matches_softmax_and_its_gradient():
+    z, _, _ = _problem(n=20, c=5)
+    t = (torch.rand(20, dtype=torch.float64) + 0.3).requires_grad_()
+    shifted = z - z.max(dim=1, keepdim=True).values
+    conf = tempered_confidence(shifted, t)
+    ref = torch.softmax(z / t[:, None], dim=1).max(dim=1).values
+    torch.testing.assert_close(conf, ref, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(conf.sum(), t)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), t)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda tt: tempered_confidence(shifted, tt), (t,))
+    with pytest.raises(ValueError, match="temperature must have the dtype"):
+        tempered_confidence(shifted, t.float())
+    with pytest.raises(ValueError, match="temperature must have one entry per row"):
+        tempered_confidence(shifted, t[:3])
+
+
+def test_objective_is_the_loss_and_split_weighting():
+    z, labels, _ = _problem(n=50, c=4)
+    direct = correctness_aware_loss(z, labels).loss
+    correct = (z.argmax(1) == labels).double()
+    conf = torch.softmax(z, 1).max(1).values
+    torch.testing.assert_close(correctness_aware_objective(conf, correct).loss, direct)
+    # Split weighting with a = 0.8: an explicit loop.
+    num = sum(((0.2 if y else 0.8) * (c - y) ** 2) for c, y in zip(conf.tolist(), correct.tolist()))
+    den = sum((0.2 if y else 0.8) for y in correct.tolist())
+    got = correctness_aware_loss(z, labels, weighting="split", accuracy=0.8).loss
+    assert got.item() == pytest.approx(num / den, rel=1e-12)
+    with pytest.raises(ValueError, match="accuracy must be given"):
+        correctness_aware_loss(z, labels, weighting="split")
+    with pytest.raises(ValueError, match="accuracy must be given"):
+        correctness_aware_loss(z, labels, accuracy=0.5)
+    with pytest.raises(ValueError, match="accuracy must be a finite number"):
+        correctness_aware_loss(z, labels, weighting="split", accuracy=1.5)
+
+
+def test_features_once_and_chunked_equal_the_per_call_features(monkeypatch):
+    z, _, views = _problem(n=40, c=6)
+    cal = CorrectnessAwareCalibrator(3).double()
+    full = cal.features(z, views)
+    monkeypatch.setattr(CorrectnessAwareCalibrator, "FEATURE_CHUNK_ELEMENTS", 7)  # rows of 1
+    torch.testing.assert_close(cal.features(z, views), full, rtol=0, atol=0)
+    t_views = cal.temperature(z, views)
+    t_feats = cal.temperature(z, features=full)
+    torch.testing.assert_close(t_feats, t_views, rtol=0, atol=0)
+    torch.testing.assert_close(cal(z, features=full), cal(z, views), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"features must have shape \(N, top_k \* num_views\)"):
+        cal.temperature(z, features=full[:, :5])
+
+
+@pytest.mark.parametrize(
+    ("objective", "weighting"),
+    [("ca", "balanced"), ("ca", "split"), ("ca", "none"), ("ce", "balanced"), ("mse", "balanced")],
+)
+def test_precomputed_fit_equals_per_step_reference(objective, weighting):
+    z, labels, views = _problem()
+    temps = []
+    for precompute in (True, False):
+        torch.manual_seed(3)
+        cal = CorrectnessAwareCalibrator(3).double()
+        history = fit_calibrator(
+            cal,
+            z,
+            labels,
+            views,
+            objective=objective,
+            weighting=weighting,
+            epochs=3,
+            batch_size=64,
+            lr=1e-2,
+            precompute=precompute,
+        )
+        assert history.steps == 3 * math.ceil(300 / 64)
+        with torch.no_grad():
+            temps.append(cal.temperature(z, views))
+    torch.testing.assert_close(temps[0], temps[1], rtol=1e-10, atol=1e-12)
+    assert (temps[0] - 1).abs().max() > 1e-3  # it learned something
+
+
+def test_fit_lowers_the_objective_and_temperature_scaling_by_adam():
+    z, labels, views = _problem(n=400)
+    z3, views3 = 3 * z, 3 * views  # over-confident
+    torch.manual_seed(0)
+    cal = CorrectnessAwareCalibrator(3).double()
+    history = fit_calibrator(cal, z3, labels, views3, objective="ce", epochs=30, lr=1e-2)
+    assert history.train_loss[-1] < history.train_loss[0]
+    ts = TemperatureScaling(1.0).double()
+    fit_calibrator(ts, z3, labels, objective="ce", epochs=200, batch_size=400, lr=5e-2)
+    lbfgs = TemperatureScaling(1.0).double().fit(z3, labels)
+    assert ts.scalar_temperature().item() == pytest.approx(
+        lbfgs.scalar_temperature().item(), rel=2e-2
+    )
+
+
+def test_holdout_keeps_the_best_epoch_and_patience_stops():
+    z, labels, views = _problem(n=200)
+    torch.manual_seed(0)
+    cal = CorrectnessAwareCalibrator(3).double()
+    history = fit_calibrator(
+        cal, z, labels, views, epochs=40, lr=0.3, batch_size=32, holdout_fraction=0.25, patience=2
+    )
+    assert len(history.holdout_loss) == history.epochs
+    best = min(range(history.epochs), key=lambda i: history.holdout_loss[i])
+    assert history.best_epoch == best + 1
+    assert history.epochs < 40 or history.best_epoch >= 39
+    assert history.epochs - history.best_epoch <= 2
+
+
+def test_epoch_batches_cover_every_row_once():
+    g = torch.Generator().manual_seed(0)
+    batches = epoch_batches(10, 4, g)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    assert [len(b) for b in epoch_batches(10, 4, g, drop_last=True)] == [4, 4]
+
+
+def test_fit_calibrator_bad_inputs():
+    z, labels, views = _problem(n=30)
+    cal = CorrectnessAwareCalibrator(3).double()
+    with pytest.raises(ValueError, match="at least one sample"):
+        fit_calibrator(cal, z[:0], labels[:0], views[:, :0])
+    with pytest.raises(ValueError, match="probability vectors"):
+        fit_calibrator(cal, z.softmax(1), labels, views)
+    fit_calibrator(cal, z.softmax(1), labels, views, epochs=1, allow_probabilities=True)
+    with pytest.raises(ValueError, match="patience needs a held-out set"):
+        fit_calibrator(cal, z, labels, views, patience=2)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        fit_calibrator(cal, z, labels, views, objective="nll")
+    with pytest.raises(ValueError, match="view_logits must be a tensor of shape"):
+        fit_calibrator(cal, z, labels, None)
+    with pytest.raises(ValueError, match=r"view_logits must have shape \(V, N, C\)"):
+        fit_calibrator(cal, z, labels, views[:, :10])
+    bad = views.clone()
+    bad[0, 3, 2] = float("nan")
+    with pytest.raises(ValueError, match="view_logits must be finite"):
+        fit_calibrator(cal, z, labels, bad)
+    bad = z.clone()
+    bad[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="logits must be finite"):
+        fit_calibrator(cal, bad, labels, views)
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        fit_calibrator(cal, z, labels, views, holdout_fraction=1.0)
+    with pytest.raises(ValueError, match="holds out 0"):
+        fit_calibrator(cal, z, labels, views, holdout_fraction=0.001)
+    with pytest.raises(ValueError, match="labels must be class indices"):
+        fit_calibrator(cal, z, labels + 7, views)
+    with pytest.raises(ValueError, match="lr must be"):
+        fit_calibrator(cal, z, labels, views, lr=float("nan"))
+    with pytest.raises(ValueError, match="calibrator must be a TemperatureCalibrator"):
+        fit_calibrator(torch.nn.Linear(2, 2), z, labels, views)
+
+
+def test_temperature_scaling_fit_checks_like_fit_temperature():
+    z, labels, _ = _problem(n=50)
+    ts = TemperatureScaling()
+    with pytest.raises(ValueError, match="probability vectors"):
+        ts.fit(z.softmax(1), labels)
+    with pytest.raises(ValueError, match="at least one sample"):
+        ts.fit(z[:0], labels[:0])
+    with pytest.raises(ValueError, match="logits must be finite"):
+        ts.fit(torch.full_like(z, float("nan")), labels)
+    assert ts.fit(3 * z, labels) is ts
+    assert ts.scalar_temperature().item() > 1.5
+    cal = CorrectnessAwareCalibrator(3)
+    with pytest.raises(ValueError, match="probability vectors"):
+        cal.fit(z.softmax(1).float(), labels, torch.rand(3, 50, 7))
