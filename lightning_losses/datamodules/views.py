@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_losses.checks import check_int
+
 __all__ = [
     "Denormalized",
     "MinMaxRescaled",
@@ -109,11 +111,6 @@ def _as_channel_vector(name: str, value: float | Sequence[float]) -> Tensor:
     return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def default_view_transforms(
     num_channels: int,
     image_size: int,
@@ -155,7 +152,7 @@ def default_view_transforms(
 
     if num_channels not in (1, 3):
         raise ValueError(f"num_channels must be 1 or 3, got {num_channels!r}")
-    _check_int("image_size", image_size, 1)
+    check_int(image_size, "image_size", minimum=1)
     if (mean is None) != (std is None):
         raise ValueError("mean and std must be given together (or both None)")
 

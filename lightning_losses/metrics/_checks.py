@@ -7,10 +7,10 @@ gathered into one tensor so that a GPU input costs a single device-to-host copy.
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import torch
 from torch import Tensor
+
+from lightning_losses.checks import check_positive_int, describe
 
 NORMS: tuple[str, ...] = ("l1", "l2", "max")
 BINNINGS: tuple[str, ...] = ("uniform", "quantile")
@@ -25,16 +25,6 @@ def row_sum_tolerance(dtype: torch.dtype) -> float:
     10-class rows miss 1e-3), so a stricter check would reject honest probabilities.
     """
     return max(ROW_SUM_TOL, torch.finfo(dtype).eps)
-
-
-def _shape(x: object) -> str:
-    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
-
-
-def check_positive_int(value: object, name: str) -> None:
-    """Raise unless ``value`` is an integer >= 1 (bools are rejected)."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_norm(norm: str) -> None:
@@ -77,7 +67,7 @@ def check_probs_labels(
             hint = "; for a binary problem pass torch.stack([1 - p, p], dim=1)"
         raise ValueError(
             f"probs must be a 2-D tensor of shape (N, C) holding class probabilities, "
-            f"got {_shape(probs)}{hint}"
+            f"got {describe(probs)}{hint}"
         )
     if not probs.is_floating_point():
         raise ValueError(
@@ -91,7 +81,7 @@ def check_probs_labels(
             f"probs must have num_classes={num_classes} columns, got shape {tuple(probs.shape)}"
         )
     if not isinstance(labels, Tensor) or labels.ndim != 1:
-        raise ValueError(f"labels must be a 1-D tensor of shape (N,), got {_shape(labels)}")
+        raise ValueError(f"labels must be a 1-D tensor of shape (N,), got {describe(labels)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(
             f"labels must be an integer tensor of class indices, got dtype {labels.dtype}; "

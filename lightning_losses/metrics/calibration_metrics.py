@@ -30,7 +30,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lightning_losses.metrics._checks import check_options, check_positive_int, check_probs_labels
+from lightning_losses.checks import check_positive_int
+from lightning_losses.metrics._checks import check_options, check_probs_labels
 from lightning_losses.metrics.calibration import (
     Binning,
     BinSums,

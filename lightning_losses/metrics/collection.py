@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torchmetrics import MetricCollection
 
-from lightning_losses.metrics._checks import check_positive_int
+from lightning_losses.checks import check_positive_int
 from lightning_losses.metrics.calibration_metrics import (
     BrierScore,
     CalibrationError,

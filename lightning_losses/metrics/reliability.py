@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lightning_losses.metrics._checks import check_positive_int
+from lightning_losses.checks import check_positive_int
 from lightning_losses.metrics.calibration import (
     calibration_bins,
     calibration_error_from_bins,
