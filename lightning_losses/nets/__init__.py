@@ -14,6 +14,7 @@ from lightning_losses.nets.backbones import (
     feature_dim_of,
     load_state_dict_file,
 )
+from lightning_losses.nets.binning import HistogramBinning, IsotonicCalibration
 from lightning_losses.nets.calibrator_fit import FitHistory, fit_calibrator
 from lightning_losses.nets.calibrators import (
     CorrectnessAwareCalibrator,
@@ -34,6 +35,7 @@ from lightning_losses.nets.cifar_resnet import (
 from lightning_losses.nets.embedders import EMBEDDER_FAMILIES, RandomEmbedderBank
 from lightning_losses.nets.gan_head import FeatureTap, GANHead
 from lightning_losses.nets.lpips import LPIPS
+from lightning_losses.nets.scaling import EnsembleTemperatureScaling, MatrixScaling, VectorScaling
 
 __all__ = [
     "LPIPS",
@@ -54,7 +56,12 @@ __all__ = [
     "resnet56",
     "resnet110",
     "CorrectnessAwareCalibrator",
+    "EnsembleTemperatureScaling",
     "FitHistory",
+    "HistogramBinning",
+    "IsotonicCalibration",
+    "MatrixScaling",
+    "VectorScaling",
     "PostHocCalibrator",
     "fit_calibrator",
     "TemperatureCalibrator",
