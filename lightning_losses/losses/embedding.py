@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -154,25 +154,94 @@ def _check_sample(name: str, value: object, min_rows: int) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def _scaled_pooled(x: Tensor, y: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Pooled, centred sample divided by c = 2^e with max |z| in [c/2, c); returns (z / c, c)."""
-    z = torch.cat([x.to(dtype), y.to(dtype)])
-    z = z - z.detach().mean(dim=0, keepdim=True)
+def _power_of_two_scales(z: Tensor) -> Tensor:
+    """(G, N, d) -> (G,) c = 2^e with max |z_g| in [c/2, c) (1 where that max is 0 or not
+    finite), without gradient."""
     with torch.no_grad():
-        peak = z.abs().amax()
+        peak = z.abs().amax(dim=(1, 2))
         mantissa, _ = torch.frexp(peak)
         usable = torch.isfinite(peak) & (peak > 0)
         # peak / mantissa is exactly 2^e (the quotient is representable, IEEE division).
-        scale = torch.where(usable, peak / torch.where(usable, mantissa, 1.0), 1.0)
-    return z / scale, scale
+        return torch.where(usable, peak / torch.where(usable, mantissa, 1.0), 1.0)
 
 
-def _squared_distances(z: Tensor) -> Tensor:
-    """(N, d) -> (N, N) squared Euclidean distances, >= 0, exactly 0 on the diagonal."""
-    sq = (z * z).sum(dim=1)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)
-    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    return d2.clamp_min(0.0).masked_fill(eye, 0.0)
+def _pooled_matrices(x: Tensor, y: Tensor, linear: bool) -> tuple[Tensor, Tensor]:
+    """(G, m, d), (G, n, d) -> the (G, N, N) squared distances (Gram matrices if ``linear``) of
+    the pooled, centred, rescaled samples z = ([x; y] - mean) / c, and the (G,) scales c.
+
+    Distances are :math:`\\lVert z_i \\rVert^2 + \\lVert z_j \\rVert^2 - 2 z_i \\cdot z_j`, clamped
+    at 0, exactly 0 on the diagonal. Plain autograd: the reference of :class:`_PooledMatrices`
+    (and its double backward).
+    """
+    z = torch.cat([x, y], dim=1)
+    z = z - z.detach().mean(dim=1, keepdim=True)
+    scale = _power_of_two_scales(z)
+    z = z / scale[:, None, None]
+    gram = z @ z.transpose(1, 2)
+    if linear:
+        return gram, scale
+    sq = (z * z).sum(dim=2)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * gram
+    eye = torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
+    return d2.clamp_min(0.0).masked_fill(eye, 0.0), scale
+
+
+class _PooledMatrices(torch.autograd.Function):
+    """:func:`_pooled_matrices` with a closed-form backward to the rows that need it.
+
+    With :math:`S = G + G^T` for the incoming gradient G (zero where the distance was clamped
+    and on the diagonal), :math:`\\partial / \\partial z_i = 2 (\\sum_j S_{ij}) z_i - 2 (S z)_i`
+    for the distances and :math:`(S z)_i` for the Gram matrix; x's rows then carry 1 / c (the
+    mean and c are constants). One matrix product over the generated rows only, where autograd
+    would take two over all rows. A double backward (``create_graph=True``) differentiates the
+    plain-autograd reference instead.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, linear: bool) -> tuple[Tensor, Tensor]:
+        z = torch.cat([x, y], dim=1)
+        z = z - z.mean(dim=1, keepdim=True)
+        scale = _power_of_two_scales(z)
+        z = z / scale[:, None, None]
+        gram = z @ z.transpose(1, 2)
+        keep = None
+        if linear:
+            out = gram
+        else:
+            sq = (z * z).sum(dim=2)
+            raw = sq[:, :, None] + sq[:, None, :] - 2.0 * gram
+            eye = torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
+            keep = (raw >= 0) & ~eye  # where the gradient passes (clamp_min's rule)
+            out = raw.clamp_min_(0.0).masked_fill_(eye, 0.0)
+        ctx.linear = linear
+        ctx.rows = x.shape[1]
+        ctx.save_for_backward(x, y, z, scale, keep)
+        ctx.mark_non_differentiable(scale)
+        return out, scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _unused: Tensor) -> tuple[Tensor | None, ...]:
+        x, y, z, scale, keep = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            with torch.enable_grad():
+                out, _ = _pooled_matrices(x, y, ctx.linear)  # the saved inputs keep their graph
+                wanted = [t for t, need in zip((x, y), (need_x, need_y)) if need]
+                grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+            return (next(grads) if need_x else None, next(grads) if need_y else None, None)
+        if keep is not None:
+            grad = grad * keep
+        sym = grad + grad.transpose(1, 2)
+        m = ctx.rows
+        rows = slice(0 if need_x else m, None if need_y else m)
+        part = sym[:, rows]
+        moved = part @ z  # (G, rows, d)
+        if not ctx.linear:
+            moved = 2.0 * (part.sum(dim=2, keepdim=True) * z[:, rows] - moved)
+        moved = moved / scale[:, None, None]
+        grad_x = moved[:, :m] if need_x else None
+        grad_y = moved[:, -y.shape[1] :] if need_y else None
+        return grad_x, grad_y, None
 
 
 def _upper_pairs(n: int, device: torch.device) -> Tensor:
@@ -221,13 +290,23 @@ def _pooled_maps(
     pairs: Sequence[tuple[Tensor, Tensor]], dtype: torch.dtype, kernel: str
 ) -> tuple[Tensor, Tensor]:
     """Stacked (F, N, N) squared distances (gaussian) or Gram matrices (linear) of the rescaled
-    pooled samples, and the (F,) scales c."""
-    mats, scales = [], []
-    for x, y in pairs:
-        z, scale = _scaled_pooled(x, y, dtype)
-        mats.append(z @ z.T if kernel == "linear" else _squared_distances(z))
+    pooled samples, and the (F,) scales c; maps of one width are computed together."""
+    groups: dict[int, list[int]] = {}
+    for index, (x, _) in enumerate(pairs):
+        groups.setdefault(x.shape[1], []).append(index)
+    mats, scales, order = [], [], []
+    for indices in groups.values():
+        x = torch.stack([pairs[i][0] for i in indices]).to(dtype)
+        y = torch.stack([pairs[i][1] for i in indices]).to(dtype)
+        mat, scale = _PooledMatrices.apply(x, y, kernel == "linear")
+        mats.append(mat)
         scales.append(scale)
-    return torch.stack(mats), torch.stack(scales)
+        order.extend(indices)
+    mats, scales = torch.cat(mats), torch.cat(scales)
+    if order != sorted(order):
+        inverse = torch.tensor(order, device=mats.device).argsort()
+        mats, scales = mats[inverse], scales[inverse]
+    return mats, scales
 
 
 def _check_bandwidth_dtype(bandwidth: float | None, kernel: str, dtype: torch.dtype) -> None:

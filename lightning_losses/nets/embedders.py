@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,80 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 def _groups(channels: int) -> int:
     """GroupNorm groups: up to 8, dividing the channels."""
     return math.gcd(channels, 8)
+
+
+def _patch_rows(x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, int]:
+    """The input patches of ``conv`` as rows: (B, C, H, W) -> ((B L, C k_h k_w), L).
+
+    Row ``b L + l`` holds output position l's receptive field, flattened as the weight is, so
+    ``rows @ weight.flatten(1).T`` is the convolution. Non-overlapping patches (stride = kernel,
+    no padding) are a reshape; others ``unfold``.
+    """
+    (k_h, k_w), (s_h, s_w), (p_h, p_w) = conv.kernel_size, conv.stride, conv.padding
+    batch, channels, height, width = x.shape
+    if (s_h, s_w) == (k_h, k_w) and (p_h, p_w) == (0, 0):
+        h, w = height // k_h, width // k_w
+        patches = x[:, :, : h * k_h, : w * k_w].reshape(batch, channels, h, k_h, w, k_w)
+        rows = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch * h * w, channels * k_h * k_w)
+        return rows, h * w
+    patches = F.unfold(x, (k_h, k_w), padding=(p_h, p_w), stride=(s_h, s_w))  # (B, C k k, L)
+    length = patches.shape[2]
+    return patches.transpose(1, 2).reshape(batch * length, patches.shape[1]), length
+
+
+def _conv_tokens(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x)`` as one matrix product, (B, C, H, W) -> (B, H' W', out) tokens (row-major).
+
+    The same sums as the convolution, in a layout whose ReLU / GELU and spatial mean are
+    contiguous passes. For a layer on the image's few channels this is several times faster than
+    the convolution kernels on the CPU, most of all the backward to the input.
+    """
+    rows, length = _patch_rows(x, conv)
+    weight = conv.weight.flatten(1)
+    out = torch.addmm(conv.bias, rows, weight.T) if conv.bias is not None else rows @ weight.T
+    return out.view(x.shape[0], length, conv.out_channels)
+
+
+class _LinearReLUMean(torch.autograd.Function):
+    """``relu(rows @ weight.T + bias)`` averaged over each sample's L rows, with a fused backward.
+
+    Forward keeps only the sign pattern of the pre-activation (1 byte per entry). Backward, with
+    the weight constant (a frozen bank): the gradient of row l of sample b is
+    :math:`\\sum_c 1[pre_{blc} > 0]\\, g_{bc} W_{c\\cdot} / L`, one batched product of the mask
+    with the per-sample weight :math:`g_b W / L` (no pass over the B L x C activations).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, weight: Tensor, bias: Tensor, batch: int) -> Tensor:
+        pre = torch.addmm(bias, rows, weight.T)  # (B L, C)
+        mask = pre > 0
+        ctx.save_for_backward(mask, weight)
+        ctx.batch = batch
+        return pre.clamp_min_(0.0).view(batch, -1, weight.shape[0]).mean(dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        mask, weight = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        batch = ctx.batch
+        length = mask.shape[0] // batch
+        per_sample = (grad / length)[:, :, None] * weight[None]  # (B, C, K)
+        rows = torch.bmm(mask.view(batch, length, -1).to(per_sample.dtype), per_sample)
+        return rows.view(batch * length, -1), None, None, None
+
+
+def _relu_mean_of_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``relu(conv(x)).mean(dim=(2, 3))``: fused when the weights are frozen (the bank's)."""
+    if (
+        conv.weight.requires_grad
+        or conv.bias is None
+        or (conv.bias.requires_grad or torch.is_autocast_enabled(x.device.type))
+    ):
+        return F.relu(_conv_tokens(x, conv)).mean(dim=1)
+    rows, _ = _patch_rows(x, conv)
+    weight = conv.weight.flatten(1).to(rows.dtype)
+    return _LinearReLUMean.apply(rows, weight, conv.bias.to(rows.dtype), x.shape[0])
 
 
 class _ConvNet(nn.Module):
@@ -122,7 +197,7 @@ class _Wide(nn.Module):
         self.feature_dims = [8 * width]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        return [F.relu(self.conv(x)).mean(dim=(2, 3))]
+        return [_relu_mean_of_conv(x, self.conv)]
 
 
 class _PatchMLP(nn.Module):
@@ -143,7 +218,7 @@ class _PatchMLP(nn.Module):
         self.feature_dims = [dim] * 3
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        tokens = F.gelu(self.patchify(x)).flatten(2).transpose(1, 2)  # (B, N, dim)
+        tokens = F.gelu(_conv_tokens(x, self.patchify))  # (B, N, dim)
         features = [tokens.mean(dim=1)]
         for block in self.blocks:
             tokens = tokens + block(tokens)

@@ -137,3 +137,60 @@ def test_bank_accepts_other_float_dtypes():
     for got, want in zip(bank(x.double()), expected):
         assert got.dtype == torch.float32
         assert torch.allclose(got, want)
+
+
+def _plain_features(bank: RandomEmbedderBank, x: torch.Tensor) -> list[torch.Tensor]:
+    """The families' definitions with plain convolutions (the reference of the fast paths)."""
+    import torch.nn.functional as F
+
+    out = []
+    for net, family in zip(bank.networks, bank.families):
+        if family == "wide":
+            out.append(F.relu(net.conv(x)).mean(dim=(2, 3)))
+        elif family == "patch_mlp":
+            tokens = F.gelu(net.patchify(x)).flatten(2).transpose(1, 2)
+            out.append(tokens.mean(dim=1))
+            for block in net.blocks:
+                tokens = tokens + block(tokens)
+                out.append(tokens.mean(dim=1))
+        else:
+            out.extend(net(x))
+    return out
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 8), (3, 13), (3, 16)])
+def test_fast_paths_match_plain_convolutions_in_value_and_gradient(channels, size):
+    bank = _bank(in_channels=channels, width=4)
+    x = _images(4, channels, size, seed=1).double()
+    bank = bank.double()
+    fast_x, plain_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast, plain = bank(fast_x), _plain_features(bank, plain_x)
+    for a, b in zip(fast, plain):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    weights = [torch.randn(f.shape, dtype=torch.float64) for f in fast]
+    sum((w * f).sum() for w, f in zip(weights, fast)).backward()
+    sum((w * f).sum() for w, f in zip(weights, plain)).backward()
+    assert torch.allclose(fast_x.grad, plain_x.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_wide_path_gradcheck_and_fallbacks():
+    bank = _bank(in_channels=2, width=2, families=["wide"], num_networks=1).double()
+    x = _images(3, 2, 8, seed=2).double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: bank(t)[0], (x,))
+    # Trainable weights (not the frozen bank) and autocast take the plain autograd path.
+    net = bank.networks[0]
+    net.requires_grad_(True)
+    bank(x)[0].sum().backward()
+    assert net.conv.weight.grad is not None and net.conv.weight.grad.abs().sum() > 0
+    net.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = bank.float()(x.float())
+    assert low[0].dtype == torch.bfloat16
+    assert torch.allclose(low[0].float(), bank(x.float())[0], rtol=2e-2, atol=2e-2)
+
+
+def test_patchify_of_sizes_not_divisible_by_the_patch():
+    bank = _bank(in_channels=1, width=4, families=["patch_mlp"], num_networks=1)
+    x = _images(2, 1, 10, seed=3)  # 10 = 2 x 4 + 2: the conv drops the last 2 rows / columns
+    for a, b in zip(bank(x), _plain_features(bank, x)):
+        assert torch.allclose(a, b, atol=1e-6)

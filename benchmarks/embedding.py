@@ -1,0 +1,505 @@
+"""The Embedding Loss (EL): host reads, time per call, and its share of a DMD training step.
+
+Compares the EL of this working tree with the EL of a BASELINE commit (default
+:data:`BASELINE_REF`, the EL before the one-host-read and speed work), loaded in the same process
+from ``git show <ref>:<file>`` (both of its files import torch only), so every comparison is
+interleaved on the same inputs:
+
+1. Host reads per EL call (``Tensor.item`` / ``tolist`` / ``__bool__`` ... and data-sized outputs
+   such as ``nonzero`` / ``masked_select``, counted with a ``TorchFunctionMode``; each is a device
+   synchronisation on a GPU).
+2. EL forward+backward time per call, baseline / current, at the digits demo's size (B = 64 per
+   side, 1 x 8 x 8, the default ``RandomEmbedderBank(1)``: 4 networks, 10 feature maps) and at a
+   CIFAR-like size (3 x 32 x 32); and how far the two ELs' values and input gradients differ.
+3. EL's share of the demo's DMD training step: a ``DMDDistillation`` built as in
+   ``configs/distillation/digits_dmd_el.yaml`` (random-weight digits teacher, batch 64,
+   ``fake_updates_per_generator=5``, AdamW lr 1e-4, clipping at 10, EMA 0.98, grad-norm logging
+   off) with no EL, the baseline EL and the current EL (``el_weight=0.002``); cycles of 5 steps
+   (4 fake-only, then the generator step where EL runs), the three arms interleaved cycle by
+   cycle, the order rotating. Share = averaged training step with EL / without - 1, per round,
+   median over rounds.
+
+Usage (from the repository root)::
+
+    OMP_NUM_THREADS=1 python benchmarks/embedding.py            # about 3 minutes
+    OMP_NUM_THREADS=1 python benchmarks/embedding.py --quick    # under a minute
+    OMP_NUM_THREADS=1 python benchmarks/embedding.py --no-write # print only
+
+The section goes into docs/RESULTS.md under :data:`HEADING` (``--no-write``: printed only).
+Timings on a shared machine move with the other jobs: compare within one run (ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import REPO, machine, markdown_table, publish  # noqa: E402
+
+HEADING = "## Embedding Loss: host reads, time per call, share of a DMD step"
+#: The EL before this work: 22 host reads per call, the plain networks.
+BASELINE_REF = "613a1aa"
+EL_FILES = {
+    "embedding": "lightning_losses/losses/embedding.py",
+    "embedders": "lightning_losses/nets/embedders.py",
+}
+#: The digits demo (configs/distillation/digits_dmd_el.yaml).
+DMD_BATCH = 64
+EL_WEIGHT = 0.002
+FAKE_UPDATES = 5
+GRAD_CLIP = 10.0
+EMA_DECAY = 0.98
+TEACHER_CHANNELS = (32, 64)
+
+#: Names whose call copies a value to the host or sizes its output by the data.
+HOST_READS = frozenset(
+    {
+        "__bool__",
+        "__float__",
+        "__int__",
+        "__index__",
+        "item",
+        "tolist",
+        "numpy",
+        "cpu",
+        "nonzero",
+        "argwhere",
+        "masked_select",
+        "unique",
+        "unique_consecutive",
+        "bincount",
+    }
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# The two ELs
+# ------------------------------------------------------------------------------------------------
+
+
+def load_baseline(ref: str) -> types.SimpleNamespace:
+    """``EmbeddingLoss`` and ``RandomEmbedderBank`` of commit ``ref``, as standalone modules."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, path in EL_FILES.items():
+            source = subprocess.run(
+                ["git", "show", f"{ref}:{path}"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            file = Path(tmp) / f"baseline_{key}.py"
+            file.write_text(source)
+            spec = importlib.util.spec_from_file_location(f"baseline_{key}", file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses / typing resolve through it
+            spec.loader.exec_module(module)
+            out[key] = module
+    return types.SimpleNamespace(
+        EmbeddingLoss=out["embedding"].EmbeddingLoss,
+        RandomEmbedderBank=out["embedders"].RandomEmbedderBank,
+    )
+
+
+def current() -> types.SimpleNamespace:
+    from lightning_losses.losses import EmbeddingLoss
+    from lightning_losses.nets import RandomEmbedderBank
+
+    return types.SimpleNamespace(EmbeddingLoss=EmbeddingLoss, RandomEmbedderBank=RandomEmbedderBank)
+
+
+def build_el(impl: types.SimpleNamespace, channels: int) -> torch.nn.Module:
+    """The distillation modules' default EL: ``EmbeddingLoss(RandomEmbedderBank(C, seed=0))``."""
+    return impl.EmbeddingLoss(impl.RandomEmbedderBank(channels, seed=0))
+
+
+def images(batch: int, shape: Sequence[int], seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, *shape, generator=generator) * 2 - 1
+
+
+class CountHostReads(torch.overrides.TorchFunctionMode):
+    """Counts the host reads made inside the block (``reads``: their names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        kwargs = kwargs or {}
+        if name in HOST_READS:
+            self.reads.append(name)
+        elif name in ("__getitem__", "__setitem__") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, Tensor) and i.dtype == torch.bool for i in index):
+                self.reads.append(f"{name}[bool mask]")
+        return func(*args, **kwargs)
+
+
+def count_reads(el: torch.nn.Module, shape: Sequence[int], batch: int) -> list[str]:
+    generated = images(batch, shape, 0).requires_grad_()
+    real = images(batch, shape, 1)
+    with CountHostReads() as counter:
+        el(generated, real).loss.backward()
+    return counter.reads
+
+
+def el_call(el: torch.nn.Module, generated: Tensor, real: Tensor) -> Callable[[], None]:
+    def call() -> None:
+        generated.grad = None
+        el(generated, real).loss.backward()
+
+    return call
+
+
+def agreement(old: torch.nn.Module, new: torch.nn.Module, shape: Sequence[int], batch: int) -> dict:
+    """Largest relative differences of the per-feature MMDs and of the input gradient."""
+    out = {}
+    values, grads = [], []
+    for el in (old, new):
+        generated = images(batch, shape, 2).requires_grad_()
+        result = el(generated, images(batch, shape, 3) * 0.8)
+        result.loss.backward()
+        values.append(result.per_feature.detach().double())
+        grads.append(generated.grad.double())
+    scale = values[0].abs().clamp_min(1e-12)
+    out["value"] = float(((values[1] - values[0]).abs() / scale).max())
+    out["grad"] = float((grads[1] - grads[0]).norm() / grads[0].norm())
+    return out
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], None]], rounds: int, reps: int
+) -> dict[str, list[float]]:
+    """Per round, each call ``reps`` times (the order rotating); seconds per call, per round."""
+    names = list(calls)
+    for call in calls.values():
+        call()
+        call()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                calls[name]()
+                times.append(time.perf_counter() - start)
+            out[name].append(statistics.median(times))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The DMD step
+# ------------------------------------------------------------------------------------------------
+
+
+def build_teacher(seed: int = 0) -> torch.nn.Module:
+    """The digits teacher's architecture (configs/distillation/digits_teacher.yaml), random."""
+    from lightning_losses.diffusion import EDMPrecond, unet_for_images
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = unet_for_images(
+            1, 8, channels=TEACHER_CHANNELS, layers_per_block=1, num_classes=None, attention=False
+        )
+    return EDMPrecond(unet, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
+
+
+def dmd_class() -> type:
+    """``DMDDistillation`` whose Lightning services work without a Trainer (one device, 32-bit:
+    the optimizers of ``configure_optimizers``, ``loss.backward()``, ``clip_grad_norm_``, logs
+    kept in memory). Modules that already step without a Trainer use their own code."""
+    try:
+        from lightning_losses.modules import DMDDistillation
+    except ImportError:  # before the modules' reshaping
+        from lightning_losses.modules.distillation import DMDDistillation
+
+    class BenchDMD(DMDDistillation):
+        _bench_optimizers: Any = None
+
+        def optimizers(self, use_pl_optimizer: bool = True) -> Any:
+            if self._bench_optimizers is None:
+                self._bench_optimizers = self.configure_optimizers()
+            return self._bench_optimizers
+
+        def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+            loss.backward(*args, **kwargs)
+
+        def clip_gradients(self, optimizer: Any, gradient_clip_val: Any = None, **_: Any) -> None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+        def log_dict(self, dictionary: dict, *args: Any, **kwargs: Any) -> None:
+            self.last_logs = dict(dictionary)
+
+        def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    return BenchDMD
+
+
+def make_dmd(teacher: torch.nn.Module, embedding_loss: torch.nn.Module | None) -> Any:
+    kwargs: dict[str, Any] = dict(
+        teacher=teacher,
+        el_weight=EL_WEIGHT if embedding_loss is not None else 0.0,
+        embedding_loss=embedding_loss,
+        fake_updates_per_generator=FAKE_UPDATES,
+        grad_clip=GRAD_CLIP,
+        fake_grad_clip=GRAD_CLIP,
+        ema_decay=EMA_DECAY,
+        log_grad_norm_every=0,
+    )
+    cls = dmd_class()
+    try:
+        module = cls(**kwargs)
+    except TypeError:  # a signature without the fake denoiser's own clipping
+        kwargs.pop("fake_grad_clip")
+        module = cls(**kwargs)
+    if hasattr(module, "seed_noise"):
+        module.seed_noise(0)
+    return module
+
+
+def time_dmd(arms: dict[str, Any], rounds: int, log: Callable[[str], None]) -> dict:
+    """Seconds of each training step, per arm and kind ('fake': fake-only, 'gen': generator).
+
+    A round runs one cycle of 5 steps (4 fake-only, then the generator step) of every arm, the
+    arms' order rotating; one warm-up cycle first (optimizer states, first calls).
+    """
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.rand(DMD_BATCH, 1, 8, 8, generator=generator) * 2 - 1, torch.zeros(DMD_BATCH).long())
+        for _ in range(FAKE_UPDATES)
+    ]
+    names = list(arms)
+    index = {name: 0 for name in names}
+    out: dict[str, dict[str, list[float]]] = {name: {"fake": [], "gen": []} for name in names}
+
+    def cycle(name: str, keep: bool) -> None:
+        module = arms[name]
+        for batch in batches:
+            kind = "gen" if module.is_generator_step() else "fake"
+            start = time.perf_counter()
+            module.training_step(batch, index[name])
+            seconds = time.perf_counter() - start
+            index[name] += 1
+            if keep:
+                out[name][kind].append(seconds)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            cycle(name, keep=False)
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                cycle(name, keep=True)
+            log(f"DMD round {r + 1}/{rounds}")
+    finite = all(
+        all(torch.isfinite(v).all() for v in getattr(m, "last_logs", {}).values())
+        for m in arms.values()
+    )
+    return {"times": out, "finite": finite}
+
+
+def averaged_step(times: dict[str, list[float]]) -> float:
+    """(4 fake-only + 1 generator step) / 5 from the medians of each kind."""
+    fake, gen = statistics.median(times["fake"]), statistics.median(times["gen"])
+    return ((FAKE_UPDATES - 1) * fake + gen) / FAKE_UPDATES
+
+
+def share(times: dict[str, list[float]], base: dict[str, list[float]]) -> float:
+    """EL's share of the averaged step: the generator step's extra time over the averaged step
+    without EL (the fake-only steps run the same code in every arm: the no-EL arm's are used)."""
+    extra = statistics.median(times["gen"]) - statistics.median(base["gen"])
+    return extra / FAKE_UPDATES / averaged_step(base)
+
+
+def bootstrap(
+    times: dict[str, list[float]], base: dict[str, list[float]], resamples: int = 1000
+) -> tuple[float, float]:
+    """95% percentile bootstrap interval of :func:`share` (the steps of each arm resampled)."""
+    rng = random.Random(0)
+
+    def draw(values: list[float]) -> list[float]:
+        return [rng.choice(values) for _ in values]
+
+    values = sorted(
+        share({k: draw(v) for k, v in times.items()}, {k: draw(v) for k, v in base.items()})
+        for _ in range(resamples)
+    )
+    return values[int(0.025 * resamples)], values[int(0.975 * resamples) - 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default=BASELINE_REF, help="commit of the 'before' EL")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (under a minute)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    old_impl, new_impl = load_baseline(args.baseline), current()
+    sizes = [("digits demo", (1, 8, 8), 64), ("CIFAR-like", (3, 32, 32), 16)]
+    rounds, reps = (3, 3) if args.quick else (7, 5)
+    lines: list[str] = []
+
+    # Parts 1 and 2: host reads, time per call, agreement
+    rows, ratios = [], {}
+    for label, shape, batch in sizes:
+        els = {
+            name: build_el(impl, shape[0]) for name, impl in (("old", old_impl), ("new", new_impl))
+        }
+        reads = {name: count_reads(el, shape, batch) for name, el in els.items()}
+        generated = images(batch, shape, 0).requires_grad_()
+        real = images(batch, shape, 1)
+        size_reps = reps if shape[-1] <= 8 else max(1, reps // 2)
+        times = time_interleaved(
+            {name: el_call(el, generated, real) for name, el in els.items()}, rounds, size_reps
+        )
+        per_round = [o / n for o, n in zip(times["old"], times["new"])]
+        ratios[label] = statistics.median(per_round)
+        diff = agreement(els["old"], els["new"], shape, batch)
+        q1, ratio, q3 = _quartiles(per_round)
+        rows.append(
+            [
+                f"{label}: B = {batch}, {' x '.join(map(str, shape))}",
+                f"{len(reads['old'])} / {len(reads['new'])}",
+                f"{statistics.median(times['old']) * 1e3:.1f}",
+                f"{statistics.median(times['new']) * 1e3:.1f}",
+                f"**{ratio:.2f}x** ({q1:.2f}-{q3:.2f})",
+                f"{diff['value']:.1e} / {diff['grad']:.1e}",
+            ]
+        )
+        log(f"EL at {label}: {ratio:.2f}x, reads {len(reads['old'])} -> {len(reads['new'])}")
+    lines.append(
+        f"EL = `EmbeddingLoss(RandomEmbedderBank(C, seed=0))` (4 networks, 10 feature maps, "
+        f"Gaussian kernel, median bandwidth, unbiased), forward + backward to the generated "
+        f"batch; generated and real images uniform in [-1, 1]. Baseline: commit "
+        f"`{args.baseline}`, loaded from git into the same process; the two interleaved, "
+        f"{rounds} rounds x {reps} calls (CIFAR-like: {max(1, reps // 2)}), the order rotating; "
+        "speed-up = median over rounds of baseline / current (quartiles in brackets).\n"
+    )
+    lines.append(
+        markdown_table(
+            [
+                "size",
+                "host reads per call, baseline / current",
+                "baseline ms",
+                "current ms",
+                "speed-up",
+                "largest relative difference: per-feature MMD / input gradient",
+            ],
+            rows,
+        )
+    )
+
+    # Part 3: share of a DMD step
+    teacher = build_teacher()
+    dmd_rounds = 4 if args.quick else 16
+    arms = {
+        "no EL": make_dmd(teacher, None),
+        "baseline EL": make_dmd(teacher, build_el(old_impl, 1)),
+        "current EL": make_dmd(teacher, build_el(new_impl, 1)),
+    }
+    dmd = time_dmd(arms, dmd_rounds, log)
+    base = dmd["times"]["no EL"]
+    rows = []
+    for name in ("no EL", "baseline EL", "current EL"):
+        times = dmd["times"][name]
+        cells = [
+            name,
+            f"{statistics.median(times['fake']) * 1e3:.1f}",
+            f"{statistics.median(times['gen']) * 1e3:.1f}",
+            f"{averaged_step({'fake': base['fake'], 'gen': times['gen']}) * 1e3:.1f}",
+        ]
+        if name == "no EL":
+            cells.append("")
+        else:
+            low, high = bootstrap(times, base)
+            cells.append(
+                f"**{share(times, base) * 100:+.1f}%** ({low * 100:+.1f}% to {high * 100:+.1f}%)"
+            )
+        rows.append(cells)
+    lines.append(
+        "\nEL's share of the digits demo's DMD training step (`DMDDistillation` as in "
+        "`configs/distillation/digits_dmd_el.yaml`: random-weight digits teacher, batch 64, "
+        "`fake_updates_per_generator=5`, AdamW, clipping at 10, EMA 0.98, grad-norm logging off; "
+        f"`el_weight={EL_WEIGHT}`). The module's own `training_step`, Lightning's services done "
+        "as on one device at 32-bit; every step timed; the three arms' cycles (4 fake-only steps, "
+        f"then the generator step where EL runs) interleaved for {dmd_rounds} rounds after a "
+        "warm-up cycle, the order rotating. Averaged training step = (4 x fake-only + generator) "
+        "/ 5 from the medians (the fake-only steps are the same code in every arm: the no-EL "
+        "arm's are used); EL's share = (generator step with EL - without) / 5 / averaged step "
+        "without EL, 95% bootstrap interval in brackets.\n"
+    )
+    lines.append(
+        markdown_table(
+            [
+                "arm",
+                "fake-only step, ms",
+                "generator step, ms",
+                "averaged training step, ms",
+                "EL's share of the averaged step",
+            ],
+            rows,
+        )
+    )
+    lines.append(
+        f"\nAll logged losses finite: {dmd['finite']}. Speed-up of one EL call at the demo's size: "
+        f"{ratios['digits demo']:.2f}x. 1-min load average {load_start:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end; whole run {time.perf_counter() - started:.0f} s."
+    )
+    body = "\n".join(lines)
+    command = ["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "")] * (
+        "OMP_NUM_THREADS" in os.environ
+    ) + ["python", "benchmarks/embedding.py", *(argv if argv is not None else sys.argv[1:])]
+    if args.no_write:
+        from harness import section
+
+        text = section(HEADING, body, command)
+        print(text)
+        return text
+    return publish(HEADING, body, command=command)
+
+
+if __name__ == "__main__":
+    print(f"machine: {machine()}", file=sys.stderr)
+    main()
