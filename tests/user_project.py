@@ -16,6 +16,7 @@ class MyClassifier(OPLClassifier):
     def on_train_epoch_end(self) -> None:
         self.epochs_seen += 1
 
-    def compute_loss(self, features, logits, labels, with_opl):
-        loss, ce, opl = super().compute_loss(features, logits, labels, with_opl)
+    def compute_loss(self, features, logits, labels, with_opl, **kwargs):
+        # **kwargs: the base class passes ``indices`` for losses with per-sample state.
+        loss, ce, opl = super().compute_loss(features, logits, labels, with_opl, **kwargs)
         return loss + (self.ce_scale - 1.0) * ce, ce, opl

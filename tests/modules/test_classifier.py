@@ -371,3 +371,252 @@ def test_checkpoint_resume_reaches_the_same_state(tmp_path):
 
     for name, value in model.state_dict().items():
         torch.testing.assert_close(model_b.state_dict()[name], value, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Base losses: GCE and the truncated Lq loss with pruning weights (issue 10).
+
+
+def _truncated(**kwargs):
+    args = dict(
+        num_classes=10,
+        base_loss="truncated",
+        opl_weight=0.1,
+        gamma=2.0,
+        abs_mode="pair",
+        prune_start_epoch=1,
+        prune_every=1,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+    )
+    args.update(kwargs)
+    return OPLClassifier(TinyMLP(16), **args)
+
+
+def _noisy_digits(**kwargs):
+    args = dict(batch_size=32, seed=0, label_noise=0.4, return_indices=True)
+    args.update(kwargs)
+    return DigitsDataModule(**args)
+
+
+def test_gce_and_truncated_objectives():
+    from lightning_losses.losses import generalized_cross_entropy, truncated_lq_loss
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 1, 8, 8), torch.arange(12) % 4
+    gce = OPLClassifier(TinyMLP(8), num_classes=4, base_loss="gce", q=0.6, opl_weight=0.0)
+    out = gce.training_step((x, y), 0)
+    torch.testing.assert_close(out["loss"], generalized_cross_entropy(gce(x), y, q=0.6).loss)
+
+    model = OPLClassifier(TinyMLP(8), num_classes=4, base_loss="truncated", q=0.7, k=0.3)
+    model.sample_weights.resize_(20).copy_((torch.arange(20) % 3 == 0).float())
+    index = torch.arange(12) + 5
+    features = model.features(x)
+    logits = model.head(features)
+    loss, base, opl = model.compute_loss(features, logits, y, with_opl=True, indices=index)
+    weights = model.sample_weights[index]
+    expected = truncated_lq_loss(logits, y, q=0.7, k=0.3, weights=weights).loss
+    torch.testing.assert_close(base, expected)
+    torch.testing.assert_close(loss, expected + model.opl_weight * opl.loss)
+    step = model.training_step((x, y, index), 0)["loss"]
+    torch.testing.assert_close(step, loss)
+    # validation: all weights 1
+    _, val_base, _ = model.compute_loss(features, logits, y, with_opl=True)
+    torch.testing.assert_close(val_base, truncated_lq_loss(logits, y, q=0.7, k=0.3).loss)
+    with pytest.raises(ValueError, match=r"sample indices must lie in \[0, 20\)"):
+        model.compute_loss(features, logits, y, with_opl=False, indices=index + 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"base_loss": "mae"}, "base_loss"),
+        ({"q": 0.0}, "q must be"),
+        ({"q": 1.5}, "q must be"),
+        ({"k": 1.0}, "k must be"),
+        ({"k": 0.0}, "k must be"),
+        ({"prune_start_epoch": -1}, "prune_start_epoch"),
+        ({"prune_every": 0}, "prune_every"),
+        ({"prune_every": 2.5}, "prune_every"),
+        ({"base_loss": "gce", "label_smoothing": 0.1}, "label_smoothing"),
+    ],
+)
+def test_bad_base_loss_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OPLClassifier(TinyMLP(8), num_classes=4, **kwargs)
+
+
+def test_truncated_without_sample_indices_says_how_to_fix_it():
+    model = _truncated()
+    with pytest.raises(ValueError, match="return_indices=True"):
+        model.training_step((torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])), 0)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", limit_train_batches=1, **QUIET)
+    with pytest.raises(ValueError, match="return_indices=True"):
+        trainer.fit(model, DigitsDataModule(batch_size=64, return_indices=False))
+
+
+class _SaveAtEpochStart(L.Callback):
+    """Saves, per rank, the module's state at the first batch of ``epoch`` (after pruning)."""
+
+    def __init__(self, dirpath: str, epoch: int) -> None:
+        self.dirpath = dirpath
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            torch.save(state, Path(self.dirpath) / f"rank{trainer.global_rank}.pt")
+
+
+def _reference_weights(state, data: DigitsDataModule, k: float = 0.5) -> torch.Tensor:
+    """w_i = [p_y(x_i) > k] over the whole (noisy) training set, one process, float64."""
+    model = _truncated(k=k)
+    model.load_state_dict(state)
+    model = model.double().eval()
+    images, labels = data.train_dataset.tensors
+    with torch.no_grad():
+        p = F.softmax(model(images.double()), dim=1).gather(1, labels[:, None]).squeeze(1)
+    return (p > k).float()
+
+
+def test_weights_are_p_y_above_k_under_the_current_model_on_schedule(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = _truncated(prune_start_epoch=3, prune_every=2)
+    data = _noisy_digits()
+    epochs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                epochs.append((trainer.current_epoch, int(pl_module.pruned_epoch)))
+
+    save = _SaveAtEpochStart(str(tmp_path), epoch=5)
+    trainer = L.Trainer(max_epochs=6, accelerator="cpu", callbacks=[Record(), save], **QUIET)
+    trainer.fit(model, data)
+    assert [e for e, _ in epochs] == list(range(6))
+    assert [p for _, p in epochs] == [-1, -1, -1, 3, 3, 5]  # start 3, every 2
+    state = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    weights = state["sample_weights"]
+    assert weights.shape == (len(data.train_dataset),)
+    torch.testing.assert_close(weights, _reference_weights(state, data), rtol=0, atol=0)
+    assert 0.1 < float(weights.mean()) < 0.95  # something was pruned, something kept
+    assert trainer.callback_metrics["train/kept"].item() == pytest.approx(float(weights.mean()))
+    # the noisy labels are pruned far more often than the clean ones
+    noisy = data.train_noise_mask
+    assert float(weights[noisy].mean()) < float(weights[~noisy].mean())
+
+
+def test_truncated_checkpoint_resume_restores_the_weights_exactly(tmp_path):
+    def make():
+        L.seed_everything(0, verbose=False)
+        return _truncated(prune_start_epoch=3), _noisy_digits()
+
+    def trainer(epochs, **kwargs):
+        return L.Trainer(
+            max_epochs=epochs, accelerator="cpu", deterministic=True, **QUIET, **kwargs
+        )
+
+    model, data = make()
+    trainer(5).fit(model, data)
+
+    model_a, data_a = make()
+    t = trainer(4, default_root_dir=tmp_path)  # pruned at the start of epoch 3
+    t.fit(model_a, data_a)
+    t.save_checkpoint(tmp_path / "epoch4.ckpt")
+    assert model_a.sample_weights.numel() == len(data_a.train_dataset)
+    model_b, data_b = make()
+    assert model_b.sample_weights.numel() == 0
+    torch.manual_seed(123)  # resuming must not depend on the global RNG
+    trainer(5).fit(model_b, data_b, ckpt_path=tmp_path / "epoch4.ckpt")  # prunes at 4
+
+    assert model.sample_weights.numel() == len(data.train_dataset)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(model_b.state_dict()[name], value, rtol=0, atol=0)
+
+    # and a plain reload of the checkpoint sizes the buffer
+    assert not torch.equal(model.sample_weights, model_a.sample_weights)  # it did prune again
+    reloaded = _truncated()
+    state = torch.load(tmp_path / "epoch4.ckpt", weights_only=True)["state_dict"]
+    reloaded.load_state_dict(state)
+    torch.testing.assert_close(reloaded.sample_weights, model_a.sample_weights, rtol=0, atol=0)
+    assert int(reloaded.pruned_epoch) == 3
+
+
+def test_ddp_ranks_hold_the_same_weights_as_one_process(tmp_path):
+    L.seed_everything(0, verbose=False)
+    # k low so that after one short epoch some weights are 1 and some 0
+    model = _truncated(prune_start_epoch=1, prune_every=1, k=0.12)
+    data = _noisy_digits(batch_size=32)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[_SaveAtEpochStart(str(tmp_path), epoch=1)],
+        **QUIET,
+    )
+    trainer.fit(model, data)
+    data.setup()  # the splits were built in the spawned processes
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0["sample_weights"].numel() == len(data.train_dataset) > 0
+    torch.testing.assert_close(rank0["sample_weights"], rank1["sample_weights"], rtol=0, atol=0)
+    reference = _reference_weights(rank0, data, k=0.12)
+    torch.testing.assert_close(rank0["sample_weights"], reference, rtol=0, atol=0)
+    assert 0.05 < float(reference.mean()) < 0.95
+    for name, value in rank0.items():
+        torch.testing.assert_close(rank1[name], value, rtol=0, atol=0)
+
+
+NOISE_CONFIGS = sorted(
+    (Path(__file__).resolve().parents[2] / "configs" / "opl").glob("digits_noise_*.yaml")
+)
+
+
+@pytest.mark.parametrize("config", NOISE_CONFIGS, ids=lambda p: p.name)
+def test_digits_noise_configs_fast_dev_run(config, tmp_path):
+    cli = main(
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.fast_dev_run=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET_ARGS,
+        ]
+    )
+    model, data = cli.model, cli.datamodule
+    assert cli.trainer.state.finished and isinstance(model, OPLClassifier)
+    assert (model.opl.gamma, model.opl.abs_mode) == (2.0, "pair")
+    assert model.opl_weight == (0.1 if "opl" in config.stem else 0.0)
+    assert model.base_loss == ("truncated" if "_tl" in config.stem else "ce")
+    assert (data.label_noise, data.val_label_noise, data.return_indices) == (0.4, 0.4, True)
+    assert int(data.train_noise_mask.sum()) == round(0.4 * len(data.train_dataset))
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
+
+
+@pytest.mark.parametrize(
+    ("name", "classes", "noise", "milestones", "prune"),
+    [
+        ("cifar10_noise_tl_opl.yaml", 10, "symmetric", [40, 80], 40),
+        ("cifar100_noise_tl_opl.yaml", 100, "pairflip", [80, 120], 80),
+    ],
+)
+def test_cifar_noise_configs_parse_to_the_authors_recipe(
+    repo_root, tmp_path, name, classes, noise, milestones, prune
+):
+    args = ["--config", str(repo_root / "configs/opl" / name), "--trainer.accelerator=cpu"]
+    args += ["--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}"]
+    cli = main(args=args, run=False)  # no data needed to build the objects
+    model, data = cli.model, cli.datamodule
+    assert model.num_classes == data.num_classes == classes
+    assert (model.base_loss, model.q, model.k) == ("truncated", 0.7, 0.5)
+    assert (model.prune_start_epoch, model.prune_every, model.opl_weight) == (prune, 10, 0.1)
+    assert model.feature_dim == 512
+    assert (data.rate, data.noise_type, data.val_label_noise) == (0.4, noise, 0.4)
+    assert data.datamodule.return_indices and data.datamodule.batch_size == 128
+    optimizer = model.configure_optimizers()
+    group = optimizer["optimizer"].param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 1e-4)
+    assert sorted(optimizer["lr_scheduler"]["scheduler"].milestones) == milestones
