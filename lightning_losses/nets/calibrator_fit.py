@@ -107,6 +107,7 @@ def fit_calibrator(
     max_steps: int | None = None,
     holdout_fraction: float = 0.0,
     patience: int | None = None,
+    selection: Literal["objective", "nll"] = "objective",
     seed: int = 0,
     drop_last: bool = False,
     precompute: bool = True,
@@ -131,6 +132,9 @@ def fit_calibrator(
             objective is evaluated on it after every epoch and the best epoch's weights kept.
         patience: stop after this many epochs without a held-out improvement (needs a held-out
             set; None: run every epoch).
+        selection: what the held-out set scores: the training ``"objective"`` or the ``"nll"``
+            of the calibrated logits (the CA loss's own minimum is under-confident, so its
+            held-out value cannot tell a calibrated epoch from an under-confident one).
         seed: seed of the held-out split and of the batch order.
         drop_last: drop every epoch's last, smaller batch.
         precompute: compute the inputs once (fast); False recomputes them every step.
@@ -145,6 +149,7 @@ def fit_calibrator(
         )
     check_choice(objective, "objective", OBJECTIVES)
     check_choice(weighting, "weighting", CA_WEIGHTINGS)
+    check_choice(selection, "selection", ("objective", "nll"))
     epochs = check_positive_int(epochs, "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
     lr = check_float(lr, "lr", minimum=0.0, strict_minimum=True)
@@ -255,7 +260,12 @@ def fit_calibrator(
             train_losses.append(float(total) / max(count, 1))
             if len(holdout_rows):
                 with torch.no_grad():
-                    value = float(loss_of(holdout_rows.to(device), holdout_accuracy))
+                    rows = holdout_rows.to(device)
+                    if selection == "nll":
+                        views = view_logits[:, rows] if needs_views else None
+                        value = float(F.cross_entropy(calibrator(z[rows], views), targets[rows]))
+                    else:
+                        value = float(loss_of(rows, holdout_accuracy))
                 holdout_losses.append(value)
                 if best is None or value < best[0]:
                     best = (value, epoch, copy.deepcopy(calibrator.state_dict()))

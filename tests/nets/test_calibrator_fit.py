@@ -191,3 +191,25 @@ def test_temperature_scaling_fit_checks_like_fit_temperature():
     cal = CorrectnessAwareCalibrator(3)
     with pytest.raises(ValueError, match="probability vectors"):
         cal.fit(z.softmax(1).float(), labels, torch.rand(3, 50, 7))
+
+
+def test_holdout_selection_by_nll():
+    z, labels, views = _problem(n=200)
+    torch.manual_seed(0)
+    cal = CorrectnessAwareCalibrator(3).double()
+    history = fit_calibrator(
+        cal,
+        3 * z,
+        labels,
+        3 * views,
+        epochs=15,
+        lr=0.05,
+        batch_size=32,
+        holdout_fraction=0.25,
+        selection="nll",
+    )
+    assert history.best_epoch == 1 + min(range(15), key=lambda i: history.holdout_loss[i])
+    # The held-out values are NLLs: positive, and not the CA loss (which is below 1).
+    assert all(v > 0 for v in history.holdout_loss)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        fit_calibrator(cal, z, labels, views, selection="ece")
