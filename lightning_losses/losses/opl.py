@@ -67,6 +67,9 @@ def _check_inputs(features: Tensor, labels: Tensor) -> None:
     check_floating(check_tensor(features, "features", 2, "(B, D)"), "features")
     check_class_labels(labels, "labels")
     check_same_length(features, "features", labels, "labels")
+    for value, name in ((features, "features"), (labels, "labels")):
+        if value.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     if features.shape[1] == 0:
         raise ValueError(
             f"features must have at least one column (D >= 1), got shape {tuple(features.shape)}"

@@ -471,6 +471,8 @@ def test_no_gradient_requested_returns_values():
             "labels must be on the device of features",
         ),
         (torch.randn(4, 3), torch.zeros(4, dtype=torch.bool), {}, "integer"),
+        (torch.randn(4, 3).to_sparse(), torch.zeros(4, dtype=torch.long), {}, "dense"),
+        (torch.randn(4, 3), torch.zeros(4, dtype=torch.long).to_sparse(), {}, "dense"),
         (
             torch.randn(4, 3, dtype=torch.complex64),
             torch.zeros(4, dtype=torch.long),
