@@ -31,6 +31,9 @@ of :math:`T_c` into the gradient buffer, one row-wise dot and one in-place updat
 with ``create_graph=True`` (double backward: gradient penalties, meta-learning) recomputes the
 sums through autograd instead, so second derivatives are exact too. Memory: the
 gradient (B x D) and C x D class sums; bf16 / fp16 inputs add one float32 copy during each pass.
+On the CPU the backward's time is mostly the first write of the fresh gradient buffer (page
+faults), as the normalised copy is for a plain ``F.normalize``; fusing the passes chunk by
+chunk in cache measured no faster (benchmarks/opl.py has the ratios).
 """
 
 from __future__ import annotations
