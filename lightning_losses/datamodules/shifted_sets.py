@@ -36,6 +36,16 @@ def _check_severity(severity: Any) -> None:
         raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
 
 
+def _load_npy(path: str) -> np.ndarray:
+    """``np.load(path)`` memory-mapped, without pickles; a corrupt file's error names it."""
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(
+            f"{path!r} is not a readable .npy array file ({error}); re-download or re-extract it"
+        ) from error
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR-10-C
 # --------------------------------------------------------------------------------------------
@@ -126,7 +136,11 @@ class CIFAR10CDataset(Dataset):
         self.transform = _cifar10_eval_transform() if transform is None else transform
 
         images = self._load()
-        labels = np.load(labels_path, allow_pickle=False, mmap_mode="r")
+        labels = _load_npy(labels_path)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"{labels_path!r} must hold integer class labels, got dtype {labels.dtype}"
+            )
         if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
             raise ValueError(
                 f"{self.path!r} must hold a uint8 array of shape (N, 32, 32, 3), got "
@@ -141,11 +155,17 @@ class CIFAR10CDataset(Dataset):
         self.per_severity = total // 5
         self.start = (severity - 1) * self.per_severity
         rows = slice(self.start, self.start + self.per_severity)
-        self.targets: list[int] = [int(t) for t in np.asarray(labels[rows])]
+        targets = np.asarray(labels[rows])
+        if targets.size and (targets.min() < 0 or targets.max() > 9):
+            raise ValueError(
+                f"{labels_path!r} must hold CIFAR-10 labels in [0, 9], got values in "
+                f"[{targets.min()}, {targets.max()}] for severity {severity}"
+            )
+        self.targets: list[int] = [int(t) for t in targets]
         self._images: np.ndarray | None = None
 
     def _load(self) -> np.ndarray:
-        return np.load(self.path, allow_pickle=False, mmap_mode="r")
+        return _load_npy(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -296,6 +296,18 @@ def tempered_confidence(
             f"temperature must have the dtype of shifted_logits ({shifted_logits.dtype}), got "
             f"{temperature.dtype}"
         )
+    if shifted_logits.shape[0]:
+        row_max_zero, positive = all_true(
+            (shifted_logits.detach().amax(dim=1) == 0).all(),
+            ((temperature.detach() > 0) & torch.isfinite(temperature.detach())).all(),
+        )
+        if not row_max_zero:
+            raise ValueError(
+                "shifted_logits must have every row's maximum exactly 0: pass "
+                "logits - logits.max(dim=1, keepdim=True).values"
+            )
+        if not positive:
+            raise ValueError("temperature must be finite and > 0 for every row")
     base2 = shifted_logits.detach()
     base2 = base2 * LOG2_E if base == "e" else base2
     return _TemperedConfidence.apply(base2, temperature, None)

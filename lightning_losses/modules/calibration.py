@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from lightning_losses.checks import check_choice, check_not_probabilities
+from lightning_losses.checks import check_choice, check_int, check_not_probabilities
 from lightning_losses.losses.calibration import (
     CA_WEIGHTINGS,
     calibration_cross_entropy,
@@ -53,7 +54,29 @@ def load_classifier(path: str | Path) -> nn.Module:
     if not path.exists():
         hint = f" Train it first: {DIGITS_CE_COMMAND}" if "digits_ce" in str(path) else ""
         raise FileNotFoundError(f"classifier_checkpoint {path} does not exist.{hint}")
-    return OPLClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    try:
+        return OPLClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as error:
+        raise ValueError(
+            f"classifier_checkpoint {path} is not a readable OPLClassifier checkpoint: {error}"
+        ) from error
+
+
+def _load_state(path: str | Path) -> dict:
+    """The state dict in a checkpoint (``state_dict`` entry) or a plain state-dict file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"classifier_checkpoint {path} does not exist") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ValueError(
+            f"classifier_checkpoint {path} is not a readable checkpoint: {error}"
+        ) from error
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"classifier_checkpoint {path} must hold a state dict, got {type(state).__name__}"
+        )
+    return state.get("state_dict", state)
 
 
 class PostHocCalibration(L.LightningModule):
@@ -120,6 +143,7 @@ class PostHocCalibration(L.LightningModule):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
         check_choice(weighting, "weighting", CA_WEIGHTINGS)
+        check_int(num_classes, "num_classes", minimum=2)
         if weighting != "balanced" and loss != "ca":
             raise ValueError(f"weighting applies to loss='ca' only, got loss={loss!r}")
         if not isinstance(calibrator, PostHocCalibrator):
@@ -133,8 +157,7 @@ class PostHocCalibration(L.LightningModule):
         if classifier is None:
             classifier = load_classifier(classifier_checkpoint)
         elif classifier_checkpoint is not None:
-            state = torch.load(classifier_checkpoint, map_location="cpu", weights_only=True)
-            classifier.load_state_dict(state.get("state_dict", state))
+            classifier.load_state_dict(_load_state(classifier_checkpoint))
         self.classifier = classifier.eval().requires_grad_(False)
         self.calibrator = calibrator
         self.num_classes = num_classes

@@ -774,3 +774,22 @@ def test_num_classes_that_does_not_match_the_classifier_fails_before_fitting(net
     with pytest.raises(ValueError, match=r"num_classes must match .* gives 10 logits"):
         trainer.fit(module, data)
     assert calibrator.scalar_temperature().item() == pytest.approx(1.5)  # nothing was fitted
+
+
+def test_corrupt_or_wrong_checkpoint_files_name_the_file(tmp_path, net):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"bad\.ckpt is not a readable OPLClassifier checkpoint"):
+        PostHocCalibration(TemperatureScaling(), 10, classifier_checkpoint=str(bad))
+    with pytest.raises(ValueError, match=r"bad\.ckpt is not a readable checkpoint"):
+        PostHocCalibration(TemperatureScaling(), 10, classifier=net, classifier_checkpoint=str(bad))
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=r"list\.pt must hold a state dict, got list"):
+        PostHocCalibration(
+            TemperatureScaling(),
+            10,
+            classifier=net,
+            classifier_checkpoint=str(tmp_path / "list.pt"),
+        )
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+        PostHocCalibration(TemperatureScaling(), 0, classifier=net)

@@ -213,3 +213,15 @@ def test_holdout_selection_by_nll():
     assert all(v > 0 for v in history.holdout_loss)
     with pytest.raises(ValueError, match="selection must be one of"):
         fit_calibrator(cal, z, labels, views, selection="ece")
+
+
+def test_tempered_confidence_refuses_unshifted_logits_and_bad_temperatures():
+    z, _, _ = _problem(n=10, c=4)
+    shifted = z - z.max(dim=1, keepdim=True).values
+    with pytest.raises(ValueError, match="every row's maximum exactly 0"):
+        tempered_confidence(z + 1.0, torch.ones(10, dtype=torch.float64))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        t = torch.ones(10, dtype=torch.float64)
+        t[3] = bad
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            tempered_confidence(shifted, t)
