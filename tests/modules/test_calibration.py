@@ -30,8 +30,10 @@ from lightning_losses.datamodules import CalibrationDataModule, DigitsDataModule
 from lightning_losses.modules import OPLClassifier, PostHocCalibration
 from lightning_losses.nets import (
     CorrectnessAwareCalibrator,
+    HistogramBinning,
     SmallCNN,
     TemperatureScaling,
+    VectorScaling,
     fit_temperature,
 )
 
@@ -793,3 +795,18 @@ def test_corrupt_or_wrong_checkpoint_files_name_the_file(tmp_path, net):
         )
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         PostHocCalibration(TemperatureScaling(), 0, classifier=net)
+
+
+@pytest.mark.parametrize("make", [lambda: HistogramBinning(10), lambda: VectorScaling(10)])
+def test_closed_form_calibrators_fit_at_setup_and_test(net, make):
+    data = _data(views=False, shifts=None)
+    calibrator = make()
+    module = PostHocCalibration(calibrator, 10, classifier=ScaledLogits(net, 4.0), loss="ce")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+    trainer.fit(module, data)
+    cached = data.cached["train"]
+    expected = make().fit(cached.logits, cached.labels)
+    with torch.no_grad():
+        torch.testing.assert_close(calibrator(cached.logits), expected(cached.logits))
+    logged = _floats(trainer.test(module, data, verbose=False)[0])
+    assert logged["test/id/ece"] < logged["test/id/uncal_ece"]
