@@ -810,3 +810,11 @@ def test_closed_form_calibrators_fit_at_setup_and_test(net, make):
         torch.testing.assert_close(calibrator(cached.logits), expected(cached.logits))
     logged = _floats(trainer.test(module, data, verbose=False)[0])
     assert logged["test/id/ece"] < logged["test/id/uncal_ece"]
+
+
+def test_a_classifier_that_outputs_probabilities_is_refused_at_fit(net):
+    probabilities = nn.Sequential(net, nn.Softmax(dim=1))
+    module = PostHocCalibration(TemperatureScaling(), 10, classifier=probabilities, loss="ce")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+    with pytest.raises(ValueError, match="allow_probabilities=True"):
+        trainer.fit(module, _data(views=False, shifts=None))
