@@ -561,6 +561,7 @@ def test_every_calibration_config_is_covered():
         "digits_ts.yaml",
         "digits_ce.yaml",
         "digits_ca.yaml",
+        "digits_isotonic.yaml",
     }
     assert {c.name for c in PLACEHOLDER_CONFIGS} == {"imagenet_ca.yaml"}
 
