@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from lightning_losses.cli import packaged_config
+from lightning_losses.demo import Task, part_results, run_tasks
 
 CLASSIFIER_CONFIG = packaged_config("opl/digits_ce.yaml")
 CALIBRATORS = {
@@ -43,18 +44,22 @@ def _quiet(trainer: dict[str, Any]) -> None:
     )
 
 
-def ensure_classifier(out_dir: Path, quick: bool) -> Path:
-    """The CE digits classifier's checkpoint; trains it with its config when missing."""
+def _classifier_config(out_dir: Path, quick: bool) -> tuple[dict[str, Any], Path]:
     config = yaml.safe_load(CLASSIFIER_CONFIG.read_text())
     checkpoints = Path(config["trainer"]["callbacks"][-1]["init_args"]["dirpath"])
     if quick:  # never overwrite the real classifier with a 2-epoch one
         checkpoints = out_dir / "digits_ce_quick"
         config["trainer"]["max_epochs"] = 2
         config["trainer"]["callbacks"][-1]["init_args"]["dirpath"] = str(checkpoints)
-    path = checkpoints / "last.ckpt"
+    return config, checkpoints / "last.ckpt"
+
+
+def ensure_classifier(out_dir: Path, quick: bool) -> Path:
+    """The CE digits classifier's checkpoint; trains it with its config when missing."""
+    config, path = _classifier_config(out_dir, quick)
     if path.exists():
         return path
-    print(f"training the CE digits classifier ({CLASSIFIER_CONFIG.name}) -> {path}")
+    print(f"training the CE digits classifier ({CLASSIFIER_CONFIG.name}) -> {path}", flush=True)
     config["trainer"].update(logger=False, enable_progress_bar=False, enable_model_summary=False)
     cli = _cli(config)
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -75,6 +80,46 @@ def _fit_and_test(config_path: Path, checkpoint: Path, seed: int, quick: bool) -
     cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     return metrics, cli
+
+
+def fit_one(name: str, seed: int, out_dir: Path, quick: bool, diagrams: bool) -> dict:
+    """One task of this part: fit and test calibrator ``name`` (its metrics; the diagrams)."""
+    checkpoint = _classifier_config(out_dir, quick)[1]
+    metrics, cli = _fit_and_test(CALIBRATORS[name], checkpoint, seed, quick)
+    if diagrams:
+        _diagrams(cli, out_dir / "calibration_reliability.png")
+    print(f"seed {seed} {name}: ID ECE {metrics['test/id/ece']:.4f}", flush=True)
+    return metrics
+
+
+#: Expected seconds of each fit on one quiet core (the order in which the pool starts them).
+_COSTS = {"temperature scaling": 6.0, "CE calibrator": 14.0, "CA calibrator": 14.0}
+
+
+def tasks(out_dir: Path, quick: bool = False) -> list[Task]:
+    """The classifier (trained when its checkpoint is missing), then every (seed, calibrator)."""
+    seeds = [0] if quick else [0, 1, 2]
+    fits = [
+        Task(
+            "calibration",
+            f"{name}/{seed}",
+            fit_one,
+            {
+                "name": name,
+                "seed": seed,
+                "out_dir": out_dir,
+                "quick": quick,
+                "diagrams": name == "CA calibrator" and seed == seeds[0],
+            },
+            cost=_COSTS[name],
+            after="classifier",
+        )  # fmt: skip
+        for seed in seeds
+        for name in CALIBRATORS
+    ]
+    classifier = Task("calibration", "classifier", ensure_classifier,
+                      {"out_dir": out_dir, "quick": quick}, cost=1000.0)  # fmt: skip
+    return [classifier, *fits]
 
 
 def _mean_std(values: list[float]) -> str:
@@ -115,22 +160,23 @@ def _diagrams(cli: Any, path: Path) -> None:
 
 
 def run(out_dir: Path, quick: bool = False) -> str:
-    """Fit every calibrator for every seed, write ``calibration_results.json``, return markdown."""
-    checkpoint = ensure_classifier(out_dir, quick)
+    """Every fit in this process, then :func:`report`."""
+    return report(part_results(run_tasks(tasks(out_dir, quick)), "calibration"), out_dir, quick)
+
+
+def report(outcomes: dict[str, Any], out_dir: Path, quick: bool = False) -> str:
+    """Write ``calibration_results.json``; return the markdown section."""
     seeds = [0] if quick else [0, 1, 2]
     results: dict[str, list[dict[str, float]]] = {name: [] for name in CALIBRATORS}
     uncalibrated: list[dict[str, float]] = []
     for seed in seeds:
-        for name, config in CALIBRATORS.items():
-            metrics, cli = _fit_and_test(config, checkpoint, seed, quick)
+        for name in CALIBRATORS:
+            metrics = outcomes[f"{name}/{seed}"]
             results[name].append(metrics)
             if name == "temperature scaling":  # the uncalibrated numbers, once per seed
                 uncalibrated.append(
                     {k.replace("/uncal_", "/"): v for k, v in metrics.items() if "/uncal_" in k}
                 )
-            if name == "CA calibrator" and seed == seeds[0]:
-                _diagrams(cli, out_dir / "calibration_reliability.png")
-            print(f"seed {seed} {name}: ID ECE {metrics['test/id/ece']:.4f}")
     (out_dir / "calibration_results.json").write_text(
         json.dumps({"uncalibrated": uncalibrated, **results}, indent=1)
     )

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from lightning_losses.cli import packaged_config
+from lightning_losses.demo import Task, part_results, run_tasks
 
 #: The committed digits teacher (``lightning_losses/assets/digits_teacher``).
 TEACHER = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher"
@@ -157,37 +158,80 @@ def _plot_histories(runs: dict[str, dict], teacher_fid: float, path: Path) -> No
     plt.close(fig)
 
 
+#: Each arm's expected seconds on one quiet core (the pool starts the longest first).
+_COSTS = {"DMD": 100.0, "DMD+EL": 112.0, "DI": 35.0, "DI+EL": 41.0, "CM": 68.0, "CM+EL": 130.0}
+ARMS = [("DMD", False), ("DMD", True), ("DI", False), ("DI", True), ("CM", False), ("CM", True)]
+SEED = 0
+
+
+def _settings(quick: bool) -> tuple[dict[str, int], dict[str, int], int]:
+    steps = {"DMD": 4, "DI": 4, "CM": 4} if quick else {"DMD": 100, "DI": 100, "CM": 300}
+    fid_every = {k: max(1, v // 5) for k, v in steps.items()}
+    return steps, fid_every, 200 if quick else 2000
+
+
+def teacher_reference(fid_samples: int) -> dict[str, Any]:
+    """The teacher's digits-FID (18 Heun steps, fixed noise) and its first 64 samples."""
+    from lightning_losses.diffusion import load_denoiser
+    from lightning_losses.metrics.digits_fid import digits_fid
+
+    samples = teacher_sample(load_denoiser(TEACHER), fid_samples)
+    return {"fid": digits_fid(samples.clamp(-1, 1)), "grid": samples[:64]}
+
+
+def distill_arm(framework: str, el: bool, quick: bool) -> dict[str, Any]:
+    """One task of this part: :func:`distill` of one arm; its history, grid and EL weight."""
+    import torch
+
+    steps, fid_every, fid_samples = _settings(quick)
+    outcome = distill(framework, el, SEED, steps[framework], fid_every[framework],
+                      fid_samples=fid_samples)  # fmt: skip
+    model = outcome.pop("model")
+    outcome["grid"] = model.sample(64, generator=torch.Generator().manual_seed(1))
+    outcome.update(framework=framework, el_weight=model.el_weight)
+    name = framework + ("+EL" if el else "")
+    print(f"{name}: digits-FID {outcome['fid']:.3f} ({outcome['seconds']:.0f} s)", flush=True)
+    return outcome
+
+
+def tasks(out_dir: Path, quick: bool = False) -> list[Task]:
+    """The teacher's reference FID, then each (framework, EL) arm."""
+    fid_samples = _settings(quick)[2]
+    arms = [
+        Task(
+            "distillation",
+            framework + ("+EL" if el else ""),
+            distill_arm,
+            {"framework": framework, "el": el, "quick": quick},
+            cost=_COSTS[framework + ("+EL" if el else "")],
+        )  # fmt: skip
+        for framework, el in ARMS
+    ]
+    teacher = Task("distillation", "teacher", teacher_reference, {"fid_samples": fid_samples},
+                   cost=30.0)  # fmt: skip
+    return [teacher, *arms]
+
+
 def run(out_dir: Path, quick: bool = False) -> str:
-    """DMD, DMD + EL, DI and CM (with and without EL) on digits; write results; return markdown.
+    """DMD, DMD + EL, DI and CM (with and without EL) on digits in this process; the report.
 
     Torch's thread count is the caller's (``python -m lightning_losses.demo`` sets 1).
     """
-    import torch
+    return report(part_results(run_tasks(tasks(out_dir, quick)), "distillation"), out_dir, quick)
 
-    from lightning_losses.metrics.digits_fid import digits_fid
-    from lightning_losses.modules.distillation import load_teacher
 
-    seed = 0
-    arms = [("DMD", False), ("DMD", True), ("DI", False), ("DI", True), ("CM", False), ("CM", True)]
-    steps = {"DMD": 4, "DI": 4, "CM": 4} if quick else {"DMD": 100, "DI": 100, "CM": 300}
-    fid_every = {k: max(1, v // 5) for k, v in steps.items()}
-    fid_samples = 200 if quick else 2000
-
-    teacher = load_teacher(TEACHER)
-    teacher_samples = teacher_sample(teacher, fid_samples)
-    teacher_fid = digits_fid(teacher_samples.clamp(-1, 1))
-
+def report(outcomes: dict[str, Any], out_dir: Path, quick: bool = False) -> str:
+    """Write ``distillation_results.json`` and the figures; return the markdown section."""
+    seed = SEED
+    steps, _, fid_samples = _settings(quick)
+    teacher_fid = outcomes["teacher"]["fid"]
+    grids = {"teacher (18 Heun steps)": outcomes["teacher"]["grid"]}
     runs: dict[str, dict] = {}
-    grids = {"teacher (18 Heun steps)": teacher_samples[:64]}
-    for framework, el in arms:
+    for framework, el in ARMS:
         name = framework + ("+EL" if el else "")
-        outcome = distill(framework, el, seed, steps[framework], fid_every[framework],
-                          fid_samples=fid_samples)  # fmt: skip
-        model = outcome.pop("model")
-        grids[name] = model.sample(64, generator=torch.Generator().manual_seed(1))
-        el_weight = model.el_weight
-        runs[name] = {**outcome, "framework": framework, "el_weight": el_weight}
-        print(f"{name}: digits-FID {outcome['fid']:.3f} ({outcome['seconds']:.0f} s)")
+        outcome = dict(outcomes[name])
+        grids[name] = outcome.pop("grid")
+        runs[name] = outcome
     (out_dir / "distillation_results.json").write_text(
         json.dumps({"teacher_fid": teacher_fid, "seed": seed, "runs": runs}, indent=1)
     )

@@ -16,12 +16,20 @@ from typing import Any
 import yaml
 
 from lightning_losses.cli import packaged_config
+from lightning_losses.demo import Task, part_results, run_tasks
 
 CONFIG = packaged_config("opl/digits.yaml")
 ARMS = {"CE": 0.0, "CE+OPL": 1.0}
 
 
-def _run_config(base: dict[str, Any], seed: int, opl_weight: float, noise: float) -> dict:
+def _run_config(
+    base: dict[str, Any], seed: int, opl_weight: float, noise: float, geometry: bool = False
+) -> dict[str, Any]:
+    """One run of the config: fit, test; the test accuracy and feature geometry.
+
+    With ``geometry``, also the 2-D PCA of the normalised test features (``"pca"``, (N, 2)) and
+    their labels (``"labels"``) for the figure, computed here so that no model leaves the run.
+    """
     from lightning_losses.callbacks import FeatureGeometryCallback
     from lightning_losses.cli import run_config
 
@@ -39,15 +47,69 @@ def _run_config(base: dict[str, Any], seed: int, opl_weight: float, noise: float
     cli = run_config(config, subcommand=None)
     cli.trainer.fit(cli.model, cli.datamodule)
     (metrics,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
-    geometry = next(c for c in cli.trainer.callbacks if isinstance(c, FeatureGeometryCallback))
-    return {
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, FeatureGeometryCallback))
+    outcome = {
         "acc": metrics["test/acc"],
-        "intra_cos": geometry.last["test"]["intra_cos"],
-        "inter_cos": geometry.last["test"]["inter_cos"],
-        "cos_gap": geometry.last["test"]["cos_gap"],
-        "model": cli.model,
-        "datamodule": cli.datamodule,
+        "intra_cos": callback.last["test"]["intra_cos"],
+        "inter_cos": callback.last["test"]["inter_cos"],
+        "cos_gap": callback.last["test"]["cos_gap"],
     }
+    if geometry:
+        outcome["pca"], outcome["labels"] = _pca(cli.model, cli.datamodule)
+    return outcome
+
+
+def _pca(model: Any, data: Any) -> tuple[Any, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    images, labels = data.test_dataset.tensors
+    model.eval()
+    with torch.no_grad():
+        f = F.normalize(model.features(images), dim=1)
+    centred = f - f.mean(dim=0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ v[:2].T, labels
+
+
+def _settings(quick: bool, config: Path) -> tuple[dict[str, Any], list[int], list[float]]:
+    if not config.exists():
+        raise FileNotFoundError(f"config {config} not found")
+    base = yaml.safe_load(config.read_text())
+    if quick:
+        base["trainer"]["max_epochs"] = 2
+        base["model"]["init_args"]["lr_scheduler"]["init_args"]["T_max"] = 2
+    return base, [0] if quick else [0, 1, 2], [0.0, 0.4]
+
+
+def run_one(base: dict[str, Any], seed: int, arm: str, noise: float, geometry: bool) -> dict:
+    """One task of this part (a worker process runs it): :func:`_run_config`, then a line."""
+    outcome = _run_config(base, seed, ARMS[arm], noise, geometry)
+    print(f"noise {noise:.0%} seed {seed} {arm}: test acc {outcome['acc']:.4f}", flush=True)
+    return outcome
+
+
+def tasks(out_dir: Path, quick: bool = False, config: Path = CONFIG) -> list[Task]:
+    """Every (noise, seed, arm) run; the 40%-noise runs of the first seed keep the PCA."""
+    base, seeds, noise_rates = _settings(quick, config)
+    return [
+        Task(
+            "opl",
+            f"{noise}/{arm}/{seed}",
+            run_one,
+            {
+                "base": base,
+                "seed": seed,
+                "arm": arm,
+                "noise": noise,
+                "geometry": noise > 0 and seed == seeds[0],
+            },
+            cost=17.0,
+        )  # fmt: skip
+        for noise in noise_rates
+        for seed in seeds
+        for arm in ARMS
+    ]
 
 
 def _mean_std(values: list[float]) -> str:
@@ -60,19 +122,10 @@ def _plot_geometry(runs: dict[str, dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
-    import torch.nn.functional as F
 
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.2))
     for ax, (name, run) in zip(axes, runs.items()):
-        model, data = run["model"], run["datamodule"]
-        images, labels = data.test_dataset.tensors
-        model.eval()
-        with torch.no_grad():
-            f = F.normalize(model.features(images), dim=1)
-        centred = f - f.mean(dim=0)
-        _, _, v = torch.linalg.svd(centred, full_matrices=False)
-        xy = centred @ v[:2].T
+        xy, labels = run["pca"], run["labels"]
         ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=5)
         ax.set_title(f"{name}: gap {run['cos_gap']:.2f}")
         ax.set_xticks([])
@@ -84,28 +137,27 @@ def _plot_geometry(runs: dict[str, dict], path: Path) -> None:
 
 
 def run(out_dir: Path, quick: bool = False, config: Path = CONFIG) -> str:
-    """Run every (noise, seed, arm); write ``opl_results.json`` and a figure; return markdown."""
-    if not config.exists():
-        raise FileNotFoundError(f"config {config} not found")
-    base = yaml.safe_load(config.read_text())
-    seeds = [0] if quick else [0, 1, 2]
-    noise_rates = [0.0, 0.4]
-    if quick:
-        base["trainer"]["max_epochs"] = 2
-        base["model"]["init_args"]["lr_scheduler"]["init_args"]["T_max"] = 2
-    epochs = base["trainer"]["max_epochs"]
+    """Every run in this process, then :func:`report`."""
+    results = part_results(run_tasks(tasks(out_dir, quick, config)), "opl")
+    return report(results, out_dir, quick, config)
 
+
+def report(
+    outcomes: dict[str, dict], out_dir: Path, quick: bool = False, config: Path = CONFIG
+) -> str:
+    """Write ``opl_results.json`` and the geometry figure; return the markdown section."""
+    base, seeds, noise_rates = _settings(quick, config)
+    epochs = base["trainer"]["max_epochs"]
     results: dict[str, list[dict]] = {}
     figure_runs: dict[str, dict] = {}
     for noise in noise_rates:
         for seed in seeds:
-            for arm, weight in ARMS.items():
-                outcome = _run_config(base, seed, weight, noise)
-                print(f"noise {noise:.0%} seed {seed} {arm}: test acc {outcome['acc']:.4f}")
-                if noise > 0 and seed == seeds[0]:
+            for arm in ARMS:
+                outcome = outcomes[f"{noise}/{arm}/{seed}"]
+                if "pca" in outcome:
                     figure_runs[arm] = outcome
-                model_free = {k: v for k, v in outcome.items() if k not in ("model", "datamodule")}
-                results.setdefault(f"{noise}/{arm}", []).append({"seed": seed, **model_free})
+                kept = {k: v for k, v in outcome.items() if k not in ("pca", "labels")}
+                results.setdefault(f"{noise}/{arm}", []).append({"seed": seed, **kept})
     (out_dir / "opl_results.json").write_text(json.dumps(results, indent=1))
     _plot_geometry(figure_runs, out_dir / "opl_feature_geometry.png")
 

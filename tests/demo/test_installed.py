@@ -71,10 +71,11 @@ def test_the_wheel_ships_the_configs_and_the_package_resolves_them(installed, tm
 
 
 def test_the_installed_demo_runs_from_an_empty_folder(installed, tmp_path):
+    (tmp_path / "serial").mkdir()
     result = _run(
         [str(installed), "-m", "lightning_losses.demo", "--quick", "--parts", "opl",
-         "--out", "out"], tmp_path)  # fmt: skip
-    assert "torch threads: 1" in result.stdout
+         "--out", "out", "--jobs", "2"], tmp_path)  # fmt: skip
+    assert "1 torch thread each" in result.stdout
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## OPL: CE vs CE + OPL on digits" in report
     assert "| 40% | CE+OPL |" in report
@@ -83,3 +84,10 @@ def test_the_installed_demo_runs_from_an_empty_folder(installed, tmp_path):
     accuracy = {key: runs[0]["acc"] for key, runs in results.items()}
     assert all(0.2 < acc <= 1.0 for acc in accuracy.values()), accuracy  # 2 epochs: above chance
     assert accuracy["0.0/CE"] > 0.6, accuracy
+
+    # Two worker processes give what one process running the runs in order gives.
+    from lightning_losses.demo import opl
+
+    opl.run(tmp_path / "serial", quick=True)
+    serial = json.loads((tmp_path / "serial" / "opl_results.json").read_text())
+    assert serial == results
