@@ -271,19 +271,69 @@ def _gaussian(
     return k
 
 
-def _estimate(k: Tensor, m: int, unbiased: bool) -> Tensor:
-    """(F, N, N) kernel matrices of pooled samples (m rows of x first) -> (F,) MMD^2."""
-    n = k.shape[1] - m
-    k_xx, k_yy, k_xy = k[:, :m, :m], k[:, m:, m:], k[:, :m, m:]
+class _WeightedGaussianSum(torch.autograd.Function):
+    """Per map f, :math:`\\sum_{ij} W_{ij} k_f(d_{fij})` with :func:`_gaussian`'s kernel k.
+
+    The kernel's derivative :math:`\\sum_s -e_s / (s h)` (times c c for a fixed bandwidth) is
+    summed in the forward pass, so the backward is one product; h, W and c are constants. A
+    double backward differentiates the plain-autograd form instead.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        d2: Tensor,
+        h: Tensor,
+        weights: Tensor,
+        multipliers: tuple[float, ...],
+        correction: Tensor | None,
+    ) -> Tensor:
+        k = torch.zeros_like(d2)
+        slope = torch.zeros_like(d2)
+        for s in multipliers:
+            rate = 1.0 / (-s * h)
+            exponent = d2 / (-s * h)
+            if correction is not None:
+                exponent = exponent * correction * correction
+                rate = rate * correction * correction
+            e = torch.exp(exponent)
+            k += e
+            slope += e * rate
+        ctx.multipliers = multipliers
+        ctx.save_for_backward(d2, h, weights, correction, slope.mul_(weights))
+        return (k * weights).sum(dim=(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        d2, h, weights, correction, slope = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            with torch.enable_grad():
+                value = (_gaussian(d2, h, ctx.multipliers, correction) * weights).sum(dim=(1, 2))
+                (out,) = torch.autograd.grad(value, d2, grad, create_graph=True)
+            return out, None, None, None, None
+        return grad[:, None, None] * slope, None, None, None, None
+
+
+def _estimator_weights(m: int, n: int, unbiased: bool, dtype: torch.dtype, device) -> Tensor:
+    """(N, N) W with :math:`\\widehat{\\mathrm{MMD}}^2 = \\sum_{ij} W_{ij} k(z_i, z_j)` for the
+    pooled z = [x; y]: 1 / (m (m - 1)) (or 1 / m^2) within x, the same with n within y, -1 / (mn)
+    between them; 0 on the diagonal for the unbiased estimator. Built on ``device``."""
+    total = m + n
+    in_x = torch.arange(total, device=device) < m
+    within_x = 1.0 / (m * (m - 1)) if unbiased else 1.0 / (m * m)
+    within_y = 1.0 / (n * (n - 1)) if unbiased else 1.0 / (n * n)
+
+    def full(value: float) -> Tensor:  # filled on the device (no host copy), in dtype
+        return torch.full((total, total), value, dtype=dtype, device=device)
+
+    weights = torch.where(
+        in_x[:, None] == in_x[None, :],
+        torch.where(in_x[:, None], full(within_x), full(within_y)),
+        full(-1.0 / (m * n)),
+    )
     if unbiased:
-        eye_x = torch.eye(m, dtype=torch.bool, device=k.device)
-        eye_y = torch.eye(n, dtype=torch.bool, device=k.device)
-        xx = k_xx.masked_fill(eye_x, 0.0).sum(dim=(1, 2)) / (m * (m - 1))
-        yy = k_yy.masked_fill(eye_y, 0.0).sum(dim=(1, 2)) / (n * (n - 1))
-    else:
-        xx = k_xx.sum(dim=(1, 2)) / (m * m)
-        yy = k_yy.sum(dim=(1, 2)) / (n * n)
-    return xx + yy - 2.0 * k_xy.sum(dim=(1, 2)) / (m * n)
+        weights.fill_diagonal_(0.0)
+    return weights
 
 
 def _pooled_maps(
@@ -333,13 +383,49 @@ def _mmd2_maps(
     device = pairs[0][0].device
     with torch.autocast(device_type=device.type, enabled=False):
         mats, scales = _pooled_maps(pairs, dtype, kernel)
-        if kernel == "linear":
-            return _estimate(mats, m, unbiased) * scales * scales
-        if bandwidth is None:
-            k = _gaussian(mats, _median_bandwidths(mats)[:, None, None], multipliers, None)
-        else:
-            k = _gaussian(mats, mats.new_tensor(bandwidth), multipliers, scales[:, None, None])
-        return _estimate(k, m, unbiased)
+        return _mmd2_of_matrices(mats, scales, m, kernel, bandwidth, multipliers, unbiased)
+
+
+def _mmd2_of_matrices(
+    mats: Tensor,
+    scales: Tensor,
+    m: int,
+    kernel: str,
+    bandwidth: float | None,
+    multipliers: tuple[float, ...],
+    unbiased: bool,
+) -> Tensor:
+    """(F,) MMD^2 from :func:`_pooled_maps`' matrices (x's m rows first)."""
+    weights = _estimator_weights(m, mats.shape[1] - m, unbiased, mats.dtype, mats.device)
+    if kernel == "linear":
+        return (mats * weights).sum(dim=(1, 2)) * scales * scales
+    if bandwidth is None:
+        h = _median_bandwidths(mats)[:, None, None]
+        return _WeightedGaussianSum.apply(mats, h, weights, multipliers, None)
+    h = mats.new_tensor(bandwidth)
+    return _WeightedGaussianSum.apply(mats, h, weights, multipliers, scales[:, None, None])
+
+
+def _per_class_medians(mats: Tensor, labels: Tensor, same: Tensor, members: Tensor) -> Tensor:
+    """(F, N, 1): for each row, the floored lower median of the i < j squared distances within
+    its class (pooled over both samples), without gradient and without a host read.
+
+    Each pair i < j of one class carries that class's label, other pairs a sentinel above every
+    label; sorting by distance, then stably by label, lines every class's distances up in order
+    from the offset where its label starts (``searchsorted``).
+    """
+    with torch.no_grad():
+        total = labels.shape[0]
+        flat = _upper_pairs(total, mats.device)
+        distances = mats.detach().flatten(1)[:, flat]  # (F, P)
+        pair_class = torch.where(same.flatten()[flat], labels[flat // total], labels.max() + 1)
+        order = distances.argsort(dim=1)
+        by_class, regroup = pair_class[order].sort(dim=1, stable=True)
+        ordered = distances.gather(1, order).gather(1, regroup)
+        start = torch.searchsorted(by_class, labels.expand(mats.shape[0], total).contiguous())
+        pairs_in_class = (members * (members - 1) / 2).long()
+        index = (start + (pairs_in_class - 1).clamp_min(0) // 2).clamp_max(flat.shape[0] - 1)
+        return ordered.gather(1, index).clamp_min(MIN_BANDWIDTH)[:, :, None]
 
 
 def _mmd2_maps_per_class(
@@ -353,8 +439,9 @@ def _mmd2_maps_per_class(
 ) -> Tensor:
     """(F,) per-class MMD^2 averaged over the classes with >= 2 rows on both sides (each with its
     own median bandwidth); the unconditional MMD^2 where no class qualifies. No host read: the
-    classes are handled with pair masks, and each class's median is found in one stable sort of
-    every pair by (class, distance)."""
+    classes enter as pair weights, :math:`\\sum_c \\widehat{\\mathrm{MMD}}^2_c = \\sum_{ij}
+    W_{ij} k_{ij}` with the estimator's weights of the pair's class (0 across classes and for
+    classes that do not qualify)."""
     dtype = working_dtype(*[t for pair in pairs for t in pair])
     _check_bandwidth_dtype(bandwidth, kernel, dtype)
     m = x_labels.shape[0]
@@ -367,49 +454,30 @@ def _mmd2_maps_per_class(
         count_x = same[:, :m].sum(dim=1).to(dtype)  # rows of the row's class in x
         count_y = same[:, m:].sum(dim=1).to(dtype)  # ... in y
         qualifies = (count_x >= 2) & (count_y >= 2)
-        if kernel == "linear":
-            k = mats
-        elif bandwidth is not None:
-            k = _gaussian(mats, mats.new_tensor(bandwidth), multipliers, scales[:, None, None])
-        else:
-            # Each pair i < j of one class carries that class's label, other pairs a sentinel
-            # above every label; sorting by distance, then stably by label, lines every class's
-            # distances up in order, from the offset where its label starts.
-            flat = _upper_pairs(total, device)
-            distances = mats.detach().flatten(1)[:, flat]  # (F, P)
-            sentinel = labels.max() + 1
-            pair_class = torch.where(same.flatten()[flat], labels[flat // total], sentinel)
-            order = distances.argsort(dim=1)
-            by_class, regroup = pair_class[order].sort(dim=1, stable=True)
-            ordered = distances.gather(1, order).gather(1, regroup)
-            start = torch.searchsorted(by_class, labels.expand(len(pairs), total).contiguous())
-            members = count_x + count_y
-            in_class = (members * (members - 1) / 2).long()  # pairs i < j of the row's class
-            index = (start + ((in_class - 1).clamp_min(0) // 2)).clamp_max(flat.shape[0] - 1)
-            h = ordered.gather(1, index).clamp_min(MIN_BANDWIDTH)  # (F, N): the row's class
-            k = _gaussian(mats, h[:, :, None], multipliers, None)
-        keep = same & qualifies[:, None]
-        xy_pairs = keep[:m, m:].to(dtype) / (count_x * count_y)[:m, None].clamp_min(1)
+        keep = (same & qualifies[:, None]).to(dtype)
         if unbiased:
-            eye = torch.eye(total, dtype=torch.bool, device=device)
-            keep = keep & ~eye
-            xx_norm = count_x * (count_x - 1)
-            yy_norm = count_y * (count_y - 1)
+            keep.fill_diagonal_(0.0)
+            within_x, within_y = count_x * (count_x - 1), count_y * (count_y - 1)
         else:
-            xx_norm, yy_norm = count_x * count_x, count_y * count_y
-        xx_pairs = keep[:m, :m].to(dtype) / xx_norm[:m, None].clamp_min(1)
-        yy_pairs = keep[m:, m:].to(dtype) / yy_norm[m:, None].clamp_min(1)
-        summed = (
-            (k[:, :m, :m] * xx_pairs).sum(dim=(1, 2))
-            + (k[:, m:, m:] * yy_pairs).sum(dim=(1, 2))
-            - 2.0 * (k[:, :m, m:] * xy_pairs).sum(dim=(1, 2))
-        )
+            within_x, within_y = count_x * count_x, count_y * count_y
+        in_x = torch.arange(total, device=device) < m
+        within = keep / torch.where(in_x, within_x, within_y)[:, None].clamp_min(1.0)
+        between = keep / (-(count_x * count_y))[:, None].clamp_max(-1.0)
+        weights = torch.where(in_x[:, None] == in_x[None, :], within, between)
         if kernel == "linear":
-            summed = summed * scales * scales
+            summed = (mats * weights).sum(dim=(1, 2)) * scales * scales
+        elif bandwidth is not None:
+            h = mats.new_tensor(bandwidth)
+            summed = _WeightedGaussianSum.apply(
+                mats, h, weights, multipliers, scales[:, None, None]
+            )
+        else:
+            h = _per_class_medians(mats, labels, same, count_x + count_y)
+            summed = _WeightedGaussianSum.apply(mats, h, weights, multipliers, None)
         # Each class counted once: its m_c rows add 1 / m_c each.
         classes = (qualifies[:m].to(dtype) / count_x[:m].clamp_min(1)).sum().round()
         per_class = summed / classes.clamp_min(1)
-    unconditional = _mmd2_maps(pairs, kernel, bandwidth, multipliers, unbiased)
+        unconditional = _mmd2_of_matrices(mats, scales, m, kernel, bandwidth, multipliers, unbiased)
     return torch.where(classes > 0, per_class, unconditional)
 
 
@@ -585,11 +653,11 @@ class EmbeddingLoss(nn.Module):
     def _check_images(self, generated: Tensor, real: Tensor) -> None:
         """Shapes, dtypes and devices of both batches (no value is read)."""
         min_rows = 2 if self.unbiased else 1
+        images = isinstance(getattr(self.bank, "in_channels", None), int)
         for name, value in (("generated", generated), ("real", real)):
-            if not isinstance(value, Tensor) or value.ndim < 2:
-                raise ValueError(
-                    f"{name} must be a batched tensor (B, C, ...), got {describe(value)}"
-                )
+            if not isinstance(value, Tensor) or value.ndim < 2 or (images and value.ndim != 4):
+                shape = "an image batch (B, C, H, W)" if images else "a batched tensor (B, C, ...)"
+                raise ValueError(f"{name} must be {shape}, got {describe(value)}")
             if not value.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
             if value.shape[0] < min_rows:

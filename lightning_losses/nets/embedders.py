@@ -88,32 +88,31 @@ def _conv_tokens(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
 
 class _LinearReLUMean(torch.autograd.Function):
-    """``relu(rows @ weight.T + bias)`` averaged over each sample's L rows, with a fused backward.
+    """``relu(rows @ weight.T)`` averaged over each sample's L rows, with a fused backward.
 
-    Forward keeps only the sign pattern of the pre-activation (1 byte per entry). Backward, with
-    the weight constant (a frozen bank): the gradient of row l of sample b is
-    :math:`\\sum_c 1[pre_{blc} > 0]\\, g_{bc} W_{c\\cdot} / L`, one batched product of the mask
-    with the per-sample weight :math:`g_b W / L` (no pass over the B L x C activations).
+    ``rows`` end with a column of ones and ``weight`` with the bias (one matrix product, no
+    pass to add the bias). Backward, with the weight constant (a frozen bank): the gradient of
+    row l of sample b is :math:`\\sum_c 1[out_{blc} > 0]\\, g_{bc} W_{c\\cdot} / L`, one batched
+    product of the activation's sign with the per-sample weight :math:`g_b W / L`, instead of
+    autograd's passes over the B L x C activations for the mean's and the ReLU's backward.
     """
 
     @staticmethod
-    def forward(ctx: Any, rows: Tensor, weight: Tensor, bias: Tensor, batch: int) -> Tensor:
-        pre = torch.addmm(bias, rows, weight.T)  # (B L, C)
-        mask = pre > 0
-        ctx.save_for_backward(mask, weight)
-        ctx.batch = batch
-        return pre.clamp_min_(0.0).view(batch, -1, weight.shape[0]).mean(dim=1)
+    def forward(ctx: Any, rows: Tensor, weight: Tensor, batch: int, length: int) -> Tensor:
+        out = (rows @ weight.T).clamp_min_(0.0)  # (B L, C)
+        ctx.save_for_backward(out, weight)
+        ctx.batch, ctx.length = batch, length
+        return out.view(batch, length, weight.shape[0]).mean(dim=1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        mask, weight = ctx.saved_tensors
+        out, weight = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        batch = ctx.batch
-        length = mask.shape[0] // batch
-        per_sample = (grad / length)[:, :, None] * weight[None]  # (B, C, K)
-        rows = torch.bmm(mask.view(batch, length, -1).to(per_sample.dtype), per_sample)
-        return rows.view(batch * length, -1), None, None, None
+        batch, length = ctx.batch, ctx.length
+        per_sample = (grad / length)[:, :, None] * weight[None]  # (B, C, K + 1)
+        rows = torch.bmm(torch.sign(out).view(batch, length, weight.shape[0]), per_sample)
+        return rows.view(batch * length, weight.shape[1]), None, None, None
 
 
 def _relu_mean_of_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -121,12 +120,17 @@ def _relu_mean_of_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     if (
         conv.weight.requires_grad
         or conv.bias is None
-        or (conv.bias.requires_grad or torch.is_autocast_enabled(x.device.type))
+        or conv.bias.requires_grad
+        or torch.is_autocast_enabled(x.device.type)
+        or torch.is_grad_enabled()
+        and x.requires_grad
+        and x.dtype != conv.weight.dtype
     ):
         return F.relu(_conv_tokens(x, conv)).mean(dim=1)
-    rows, _ = _patch_rows(x, conv)
-    weight = conv.weight.flatten(1).to(rows.dtype)
-    return _LinearReLUMean.apply(rows, weight, conv.bias.to(rows.dtype), x.shape[0])
+    rows, length = _patch_rows(x, conv)
+    ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
+    weight = torch.cat([conv.weight.flatten(1), conv.bias[:, None]], dim=1).to(rows.dtype)
+    return _LinearReLUMean.apply(torch.cat([rows, ones], dim=1), weight, x.shape[0], length)
 
 
 class _ConvNet(nn.Module):
@@ -353,6 +357,10 @@ class RandomEmbedderBank(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         weight = next(self.parameters())
+        if x.device != weight.device:
+            raise ValueError(
+                f"x is on {x.device} but the bank is on {weight.device}: move one to the other"
+            )
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(weight.dtype)
         return [feature for network in self.networks for feature in network(x)]

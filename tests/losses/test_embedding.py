@@ -286,6 +286,12 @@ def test_embedding_loss_rejects_bad_inputs():
         loss_fn(good, torch.zeros(4, 1, 16, 16))
     with pytest.raises(ValueError, match="real has batch size 1"):
         loss_fn(good, good[:1])
+    with pytest.raises(ValueError, match=r"generated must be an image batch \(B, C, H, W\)"):
+        loss_fn(good[0], good[0])  # one unbatched image: not a batch of 1-row images
+    with pytest.raises(ValueError, match="generated and real must be on the same device"):
+        loss_fn(good, good.to("meta"))
+    with pytest.raises(ValueError, match="the images are on meta but the bank is on cpu"):
+        loss_fn(good.to("meta"), good.to("meta"))
     bad = good.clone()
     bad[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"generated must hold finite values .* got NaN or inf"):

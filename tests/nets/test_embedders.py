@@ -194,3 +194,14 @@ def test_patchify_of_sizes_not_divisible_by_the_patch():
     x = _images(2, 1, 10, seed=3)  # 10 = 2 x 4 + 2: the conv drops the last 2 rows / columns
     for a, b in zip(bank(x), _plain_features(bank, x)):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_empty_batch_and_wrong_device():
+    bank = _bank(in_channels=1, width=4)
+    x = torch.zeros(0, 1, 8, 8, requires_grad=True)
+    features = bank(x)
+    assert [tuple(f.shape) for f in features] == [(0, d) for d in bank.feature_dims]
+    sum(f.sum() for f in features).backward()
+    assert x.grad.shape == x.shape
+    with pytest.raises(ValueError, match="x is on meta but the bank is on cpu"):
+        bank(torch.zeros(2, 1, 8, 8, device="meta"))
