@@ -89,7 +89,7 @@ def build_teacher(path: str | None, seed: int = 0) -> torch.nn.Module:
     no cost: every step runs the same operations on tensors of the same shapes.
     """
     if path is not None:
-        from lightning_losses.modules.distillation import load_teacher
+        from lightning_losses.modules.teacher import load_teacher
 
         return load_teacher(path)
     from lightning_losses.diffusion import EDMPrecond, unet_for_images
@@ -107,58 +107,16 @@ def build_teacher(path: str | None, seed: int = 0) -> torch.nn.Module:
     return EDMPrecond(unet, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
 
 
-def _bench_class() -> type:
-    """``DMDDistillation`` with the four services a Trainer gives a manual-optimisation step
-    replaced by what Lightning does for them on one device at 32-bit precision:
-
-    - ``self.optimizers()``: the two optimizers (Lightning wraps them; ``step`` runs
-      ``optimizer.step()``, ``zero_grad`` the same);
-    - ``manual_backward(loss)``: ``loss.backward()`` (what the 32-bit precision plugin does);
-    - ``clip_gradients(opt, v, "norm")``: ``clip_grad_norm_`` over the optimizer's parameters
-      (the precision plugin's norm clipping);
-    - ``log_dict``: keeps the dict (Lightning stores the detached tensors and hands them to the
-      logger every ``log_every_n_steps``; the Trainer cross-check measures that part).
-
-    Everything else, ``training_step`` and all it calls, is the module's own code.
-    """
-    from lightning_losses.modules.distillation import DMDDistillation
-
-    class BenchDMD(DMDDistillation):
-        def attach_optimizers(self) -> None:
-            self._bench_optimizers = self.configure_optimizers()
-            self.last_logs: dict[str, Tensor] = {}
-
-        def optimizers(self, use_pl_optimizer: bool = True) -> Any:
-            return self._bench_optimizers
-
-        def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-            loss.backward(*args, **kwargs)
-
-        def clip_gradients(
-            self,
-            optimizer: torch.optim.Optimizer,
-            gradient_clip_val: float | None = None,
-            gradient_clip_algorithm: str | None = None,
-        ) -> None:
-            if gradient_clip_algorithm != "norm":
-                raise ValueError(f"only norm clipping is used here, got {gradient_clip_algorithm}")
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-
-        def log_dict(self, dictionary: dict[str, Tensor], *args: Any, **kwargs: Any) -> None:
-            self.last_logs = dict(dictionary)
-
-    return BenchDMD
-
-
 def make_module(
     teacher: torch.nn.Module, el: bool, device: torch.device, trainer: bool = False
 ) -> Any:
-    """A DMDDistillation with the demo's settings (a BenchDMD unless ``trainer``)."""
-    from lightning_losses.modules.distillation import DMDDistillation
+    """A DMDDistillation with the demo's settings. Without ``trainer`` its steps run through
+    ``module.train_step(batch)``: the module's own step without a Trainer (optimizers from
+    ``configure_optimizers``, ``loss.backward()``, ``clip_grad_norm_``), what Lightning does on
+    one device at 32-bit precision; the Trainer cross-check measures what it adds."""
+    from lightning_losses.modules import DMDDistillation
 
-    cls = DMDDistillation if trainer else _bench_class()
-    module = cls(
+    module = DMDDistillation(
         teacher=teacher,
         el_weight=EL_WEIGHT if el else 0.0,
         el_seed=0,
@@ -169,7 +127,6 @@ def make_module(
         log_grad_norm_every=0,
     ).to(device)
     if not trainer:
-        module.attach_optimizers()
         module.seed_noise(0)  # both arms draw the same noise: EL is all that differs
     return module
 
@@ -282,7 +239,7 @@ def dmd_memory(args: argparse.Namespace) -> dict:
             module.log_grad_norm_every = log
             for _ in range(FAKE_UPDATES):
                 kind = step_kind(module)
-                used = meter.measure(functools.partial(module.training_step, batch, index))
+                used = meter.measure(functools.partial(module.train_step, batch))
                 index += 1
                 if measured:
                     growth[kind].append(used)
@@ -330,16 +287,14 @@ def time_dmd_steps(
                 batch = batches[index % len(batches)]
                 sync()
                 start = time.perf_counter()
-                module.training_step(batch, index)
+                logs = module.train_step(batch)
                 sync()
                 seconds = time.perf_counter() - start
                 index += 1
                 total += seconds
                 if round_ >= warmup_cycles:
                     samples[arm][kind].append(seconds)
-            finite = finite and all(
-                bool(torch.isfinite(v).all()) for v in module.last_logs.values()
-            )
+            finite = finite and all(bool(torch.isfinite(v).all()) for v in logs.values())
             if round_ >= warmup_cycles:
                 key = "cycle_norms" if log_every else "cycle_off"
                 samples[arm][key].append(total / FAKE_UPDATES)
@@ -1028,13 +983,12 @@ def main(argv: Sequence[str] | None = None) -> str:
         "`EmbeddingLoss(RandomEmbedderBank(1))`, 4 random networks, 10 feature maps). Real "
         f"batches: random images in [-1, 1]. float32 on {device.type}.",
         "",
-        "How it is measured: a manual loop calls the module's own `training_step` (so the "
-        "generator sampling, the DMD loss, EL, backward, clipping, AdamW, EMA and the fake "
-        "update are the module's code), with the four services Lightning provides replaced by "
-        "what Lightning does for them on one device in 32-bit precision (`optimizers()` -> the "
-        "two AdamW, `manual_backward` -> `loss.backward()`, `clip_gradients` -> "
-        "`clip_grad_norm_`, `log_dict` kept, not written; the Trainer cross-check below measures "
-        "what Lightning adds). The two modules start from the same weights and draw the same "
+        "How it is measured: a manual loop calls the module's own `train_step` without a "
+        "Trainer (the generator sampling, the DMD loss, EL, backward, clipping, AdamW, EMA and "
+        "the fake update are the module's code; without a Trainer it uses `loss.backward()` and "
+        "`clip_grad_norm_`, what Lightning does on one device in 32-bit precision, and returns "
+        "the logs instead of logging them; the Trainer cross-check below measures what "
+        "Lightning adds). The two modules start from the same weights and draw the same "
         "noise. Cycles of 5 steps (4 fake-only, then the generator step) of each (arm, logging) "
         f"pair are interleaved, the order rotating every round: 1 warm-up round, then {cycles} "
         "rounds. The grad-norm logging (`output_grad_norms`: `autograd.grad` of the DMD loss and "

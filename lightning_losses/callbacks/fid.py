@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_losses.diffusion.batches import split_real_batch
 from lightning_losses.diffusion.checks import RANGE_TOLERANCE
 from lightning_losses.metrics.digits_fid import (
     DIGITS_FID_NUM_SAMPLES,
@@ -41,7 +42,6 @@ from lightning_losses.metrics.digits_fid import (
     digits_fid_metric,
     fid_metric,
 )
-from lightning_losses.modules.distillation import split_real_batch
 
 if TYPE_CHECKING:
     from torchmetrics.image.fid import FrechetInceptionDistance

@@ -13,6 +13,7 @@ Importing it imports neither Lightning nor diffusers: diffusers is imported insi
 that build or load models.
 """
 
+from lightning_losses.diffusion.batches import RealBatch, split_real_batch
 from lightning_losses.diffusion.consistency import (
     ConsistencyPrecond,
     consistency_pipeline,
@@ -25,8 +26,11 @@ from lightning_losses.diffusion.denoisers import (
     Denoiser,
     DiffusersEpsDenoiser,
     EDMPrecond,
+    UNetPrecond,
     per_sample_sigma,
+    trusted_sigmas,
 )
+from lightning_losses.diffusion.loading import load_denoiser
 from lightning_losses.diffusion.samplers import edm_heun_sampler, heun_step
 from lightning_losses.diffusion.schedules import karras_sigmas
 from lightning_losses.diffusion.teacher_pairs import (
@@ -52,11 +56,16 @@ __all__ = [
     "Denoiser",
     "DiffusersEpsDenoiser",
     "EDMPrecond",
+    "RealBatch",
+    "UNetPrecond",
     "edm_heun_sampler",
     "edm_loss",
     "heun_step",
     "karras_sigmas",
+    "load_denoiser",
     "per_sample_sigma",
+    "split_real_batch",
+    "trusted_sigmas",
     "unet_for_images",
 ]
 

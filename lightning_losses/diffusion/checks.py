@@ -22,7 +22,7 @@ def check_diffusion_images(
 
     Returns:
         True when the batch lies in [0, 1], which is most likely unscaled data: the caller
-        decides whether to warn. Reads two scalars (a device synchronisation).
+        decides whether to warn. Reads two scalars in one device synchronisation.
     """
     if not isinstance(images, Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
@@ -39,11 +39,11 @@ def check_diffusion_images(
             f"the {role} are {tuple(images.shape[-2:])} but the teacher's sample_size is "
             f"{tuple(size)}: set the data's image size to the teacher's"
         )
-    low, high = (float(v) for v in torch.aminmax(images.detach()))
-    if low < -1 - RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+    low, high = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one host read
+    if not (low >= -1 - RANGE_TOLERANCE and high <= 1 + RANGE_TOLERANCE):  # NaN fails too
         raise ValueError(
-            f"{role} must be scaled to [-1, 1] like the teacher's data, got values in "
+            f"{role} must hold finite values in [-1, 1] like the teacher's data, got values in "
             f'[{low:.3g}, {high:.3g}]: use DigitsDataModule(normalize="symmetric") (or map '
-            "[0, 1] data with 2x - 1), not standardised images"
+            "[0, 1] data with 2x - 1), not standardised images, and no NaN or inf"
         )
     return low >= 0

@@ -44,7 +44,6 @@ diffusers is imported only inside the functions that build or load diffusers obj
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -54,13 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_losses.diffusion.denoisers import (
-    Denoiser,
-    _check_unet,
-    _config_value,
-    _module_dtype,
-    per_sample_sigma,
-)
+from lightning_losses.diffusion.denoisers import Denoiser, UNetPrecond
 
 __all__ = [
     "ConsistencyPrecond",
@@ -99,7 +92,7 @@ def consistency_scalings(
     return c_skip, c_out, c_in
 
 
-class ConsistencyPrecond(Denoiser):
+class ConsistencyPrecond(UNetPrecond):
     """The consistency-model parameterisation around a diffusers ``UNet2DModel`` :math:`F`.
 
     ``forward(x, sigma, class_labels)`` returns :math:`f(x, \\sigma)` of the module docstring,
@@ -107,11 +100,10 @@ class ConsistencyPrecond(Denoiser):
     :class:`~lightning_losses.diffusion.Denoiser`, so a one-step generator
     :math:`x = f(\\sigma_{max} z; \\sigma_{max})` and the distillation base class work with it.
 
-    The UNet runs in its own parameter dtype; the scalings, the skip connection and the result
-    are computed in ``x``'s dtype promoted to at least float32, and the time input in float64
-    (:func:`consistency_timestep`). It is meant for :math:`\\sigma \\in [\\sigma_{min},
-    \\sigma_{max}]` (below :math:`\\sigma_{min}`, :math:`c_{out} < 0`); ``sigma`` must be > 0
-    (Python floats are checked, tensors are not, to avoid a GPU synchronisation per call).
+    A :class:`~lightning_losses.diffusion.denoisers.UNetPrecond` (dtypes, the sigma check): the
+    time input is computed in float64 (:func:`consistency_timestep`). It is meant for
+    :math:`\\sigma \\in [\\sigma_{min}, \\sigma_{max}]` (below :math:`\\sigma_{min}`,
+    :math:`c_{out} < 0`).
 
     Args:
         unet: a ``UNet2DModel`` with ``out_channels == in_channels`` and the "positional" time
@@ -121,33 +113,7 @@ class ConsistencyPrecond(Denoiser):
         sigma_max: the largest noise level, of one-step sampling (80).
     """
 
-    def __init__(
-        self,
-        unet: nn.Module,
-        sigma_data: float = 0.5,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-    ) -> None:
-        _check_unet(unet, "ConsistencyPrecond")
-        in_channels = int(_config_value(unet, "in_channels"))
-        out_channels = int(_config_value(unet, "out_channels", in_channels))
-        if out_channels != in_channels:
-            raise ValueError(
-                "ConsistencyPrecond needs a UNet with out_channels == in_channels (diffusers' "
-                "ConsistencyModelPipeline uses every output channel), got in_channels="
-                f"{in_channels}, out_channels={out_channels}"
-            )
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-        super().__init__(
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            in_channels=in_channels,
-            sample_size=_config_value(unet, "sample_size"),
-            num_classes=_config_value(unet, "num_class_embeds"),
-        )
-        self.unet = unet
-        self.sigma_data = float(sigma_data)
+    time_dtype = torch.float64
 
     @classmethod
     def from_teacher(
@@ -175,34 +141,11 @@ class ConsistencyPrecond(Denoiser):
         student = cls(copy.deepcopy(unet), sigma_data, sigma_min, sigma_max)
         return student.requires_grad_(True).train()
 
-    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(c_skip, c_out, c_in, c_noise)`` for a tensor of noise levels (same shape/dtype)."""
-        c_skip, c_out, c_in = consistency_scalings(sigma, self.sigma_data, self.sigma_min)
-        return c_skip, c_out, c_in, consistency_timestep(sigma)
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return consistency_scalings(sigma, self.sigma_data, self.sigma_min)
 
-    def forward(
-        self, x: Tensor, sigma: float | Tensor, class_labels: Tensor | None = None
-    ) -> Tensor:
-        """:math:`f(x, \\sigma)`: the consistency model's estimate of the trajectory origin."""
-        self.check_inputs(x, class_labels)
-        if not isinstance(sigma, Tensor) and not sigma > 0:
-            raise ValueError(f"sigma must be > 0 for ConsistencyPrecond (ln sigma), got {sigma}")
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        sigma_flat = per_sample_sigma(sigma, x, dtype)
-        c_skip, c_out, c_in = (
-            c.view(-1, 1, 1, 1)
-            for c in consistency_scalings(sigma_flat, self.sigma_data, self.sigma_min)
-        )
-        # float64 time input, as diffusers' sigma_to_t; the UNet's embedding rounds it to fp32.
-        timestep = consistency_timestep(per_sample_sigma(sigma, x, torch.float64))
-        timestep = timestep.to(torch.float32)
-        x = x.to(dtype)
-        unet_in = (c_in * x).to(_module_dtype(self.unet, dtype))
-        if self.num_classes is None:
-            out = self.unet(unet_in, timestep, return_dict=False)[0]
-        else:
-            out = self.unet(unet_in, timestep, class_labels=class_labels, return_dict=False)[0]
-        return c_skip * x + c_out * out.to(dtype)
+    def time_input(self, sigma: Tensor) -> Tensor:
+        return consistency_timestep(sigma)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> ConsistencyPrecond:
@@ -222,10 +165,10 @@ class ConsistencyPrecond(Denoiser):
                 f"{str(root)!r} is not a ConsistencyModelPipeline folder: it needs "
                 "unet/config.json and scheduler/scheduler_config.json (local folders only)"
             )
-        from diffusers import UNet2DModel
+        from lightning_losses.diffusion.loading import load_unet, read_config
 
-        config = json.loads(scheduler_file.read_text())
-        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
+        config = read_config(scheduler_file)
+        unet = load_unet(unet_dir)
         return cls(
             unet,
             sigma_data=float(config.get("sigma_data", 0.5)),

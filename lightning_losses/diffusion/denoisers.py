@@ -23,9 +23,11 @@ diffusers is never imported by this module: the wrappers take an already built `
 
 from __future__ import annotations
 
-import json
+import contextlib
+import contextvars
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,26 +227,45 @@ class Denoiser(nn.Module):
                 )
 
 
-class EDMPrecond(Denoiser):
-    """EDM preconditioning around a diffusers ``UNet2DModel`` :math:`F_\\theta`.
+_SIGMA_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("sigma_checks", default=True)
+
+
+@contextlib.contextmanager
+def trusted_sigmas() -> Iterator[None]:
+    """Within this block, :class:`UNetPrecond` does not read tensor sigmas back to the host.
+
+    For callers whose noise levels come from a table already checked to lie in
+    ``[sigma_min, sigma_max]`` (the distillation and teacher modules' training steps): the check
+    of every tensor sigma is one device synchronisation per denoiser call.
+    """
+    token = _SIGMA_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _SIGMA_CHECKS.reset(token)
+
+
+class UNetPrecond(Denoiser):
+    """A preconditioning around a diffusers ``UNet2DModel`` :math:`F_\\theta`:
 
     .. math::
 
         D(x; \\sigma) = c_{skip}(\\sigma)\\, x + c_{out}(\\sigma)\\,
             F_\\theta\\big(c_{in}(\\sigma)\\, x;\\ c_{noise}(\\sigma)\\big),
 
-        c_{skip} = \\frac{\\sigma_d^2}{\\sigma^2 + \\sigma_d^2}, \\quad
-        c_{out} = \\frac{\\sigma\\, \\sigma_d}{\\sqrt{\\sigma^2 + \\sigma_d^2}}, \\quad
-        c_{in} = \\frac{1}{\\sqrt{\\sigma^2 + \\sigma_d^2}}, \\quad
-        c_{noise} = \\tfrac14 \\ln \\sigma,
+    the scalings given by a subclass (:meth:`scalings`, :meth:`time_input`): EDM's
+    (:class:`EDMPrecond`) or the consistency models' boundary condition
+    (:class:`~lightning_losses.diffusion.ConsistencyPrecond`). ``class_labels`` go to the UNet
+    when it was built with ``num_class_embeds``; a UNet with a "learned" or "fourier" time
+    embedding is refused.
 
-    with :math:`\\sigma_d` = ``sigma_data``. :math:`c_{noise}` is passed as the UNet's (float)
-    timestep; it is fractional and negative for :math:`\\sigma < 1`, which the "positional"
-    (sinusoidal) time embedding accepts. A UNet with a "learned" or "fourier" time embedding is
-    refused. ``class_labels`` go to the UNet when it was built with ``num_class_embeds``.
+    The UNet runs in its own parameter dtype; the scalings, the skip connection and the result
+    are computed in ``x``'s dtype promoted to at least float32 (float64 inputs give float64
+    outputs).
 
-    The UNet runs in its own parameter dtype; the skip connection and the result are computed in
-    ``x``'s dtype promoted to at least float32 (float64 inputs give float64 outputs).
+    ``sigma`` must be finite and > 0 (the time input takes :math:`\\ln\\sigma`): a float is
+    checked for free, a tensor with one host read per call (skipped inside
+    :func:`trusted_sigmas`, for callers whose levels are checked already).
 
     Args:
         unet: a ``UNet2DModel`` with ``out_channels == in_channels``, or a module with the same
@@ -254,9 +275,6 @@ class EDMPrecond(Denoiser):
         sigma_data: the data standard deviation :math:`\\sigma_d` (0.5 for [-1, 1] images).
         sigma_min: the smallest noise level it is trained / sampled at (EDM: 0.002).
         sigma_max: the largest noise level (EDM: 80).
-
-    ``sigma`` must be positive (:math:`\\ln \\sigma`); Python floats are checked, tensors are not
-    (that would synchronise with the GPU on every call).
     """
 
     def __init__(
@@ -266,12 +284,13 @@ class EDMPrecond(Denoiser):
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
     ) -> None:
-        _check_unet(unet, "EDMPrecond")
+        owner = type(self).__name__
+        _check_unet(unet, owner)
         in_channels = int(_config_value(unet, "in_channels"))
         out_channels = int(_config_value(unet, "out_channels", in_channels))
         if out_channels != in_channels:
             raise ValueError(
-                f"EDMPrecond needs a UNet with out_channels == in_channels, got in_channels="
+                f"{owner} needs a UNet with out_channels == in_channels, got in_channels="
                 f"{in_channels}, out_channels={out_channels}"
             )
         if not sigma_data > 0:
@@ -286,33 +305,124 @@ class EDMPrecond(Denoiser):
         self.unet = unet
         self.sigma_data = float(sigma_data)
 
+    #: The dtype :meth:`time_input` is computed in (None: the working dtype of the scalings).
+    time_dtype: torch.dtype | None = None
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(c_skip, c_out, c_in)`` for a tensor of noise levels (same shape and dtype)."""
+        raise NotImplementedError
+
+    def time_input(self, sigma: Tensor) -> Tensor:
+        """:math:`c_{noise}`, the UNet's timestep, for ``(B,)`` levels in ``time_dtype``."""
+        raise NotImplementedError
+
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(c_skip, c_out, c_in, c_noise)`` for a tensor of noise levels (same shape)."""
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = 1 / (sigma**2 + sd2).sqrt()
-        c_noise = sigma.log() / 4
-        return c_skip, c_out, c_in, c_noise
+        return (*self.scalings(sigma), self.time_input(sigma))
+
+    def check_sigma(self, sigma: float | Tensor) -> None:
+        """Raise ValueError unless every noise level is finite and > 0 (one host read)."""
+        if isinstance(sigma, Tensor):
+            if not _SIGMA_CHECKS.get() or sigma.numel() == 0:
+                return
+            ok = bool(torch.logical_and(sigma > 0, sigma.isfinite()).all())
+        else:
+            ok = math.isfinite(sigma) and sigma > 0
+        if not ok:
+            shown = sigma.detach().flatten()[:8].tolist() if isinstance(sigma, Tensor) else sigma
+            raise ValueError(
+                f"sigma must be finite and > 0 for {type(self).__name__} (it takes ln sigma), "
+                f"got {shown}"
+            )
 
     def forward(
         self, x: Tensor, sigma: float | Tensor, class_labels: Tensor | None = None
     ) -> Tensor:
-        """``D(x; sigma)``: the EDM-preconditioned estimate of the clean image."""
+        """``D(x; sigma)`` of the class docstring."""
         self.check_inputs(x, class_labels)
-        if not isinstance(sigma, Tensor) and not sigma > 0:
-            raise ValueError(f"sigma must be > 0 for EDMPrecond (it takes ln sigma), got {sigma}")
+        if not isinstance(sigma, bool) and isinstance(sigma, int | float | Tensor):
+            self.check_sigma(sigma)
         dtype = torch.promote_types(x.dtype, torch.float32)
         sigma_flat = per_sample_sigma(sigma, x, dtype)
-        c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in self.coefficients(sigma_flat))
+        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in self.scalings(sigma_flat))
+        sigma_t = (
+            sigma_flat if self.time_dtype is None else per_sample_sigma(sigma, x, self.time_dtype)
+        )
+        timestep = self.time_input(sigma_t).to(torch.float32)
         x = x.to(dtype)
         unet_in = (c_in * x).to(_module_dtype(self.unet, dtype))
-        timestep = c_noise.reshape(-1).to(torch.float32)
         if self.num_classes is None:
             out = self.unet(unet_in, timestep, return_dict=False)[0]
         else:
             out = self.unet(unet_in, timestep, class_labels=class_labels, return_dict=False)[0]
         return c_skip * x + c_out * out.to(dtype)
+
+
+class EDMPrecond(UNetPrecond):
+    """EDM preconditioning (Karras et al. 2022) around a ``UNet2DModel``, a
+    :class:`UNetPrecond` with
+
+    .. math::
+
+        c_{skip} = \\frac{\\sigma_d^2}{\\sigma^2 + \\sigma_d^2}, \\quad
+        c_{out} = \\frac{\\sigma\\, \\sigma_d}{\\sqrt{\\sigma^2 + \\sigma_d^2}}, \\quad
+        c_{in} = \\frac{1}{\\sqrt{\\sigma^2 + \\sigma_d^2}}, \\quad
+        c_{noise} = \\tfrac14 \\ln \\sigma,
+
+    :math:`\\sigma_d` = ``sigma_data``. :math:`c_{noise}` is fractional and negative for
+    :math:`\\sigma < 1`, which the "positional" (sinusoidal) time embedding accepts.
+    :meth:`save_pretrained` / :meth:`from_pretrained` write and read a local folder
+    (``unet/`` + ``edm_config.json``).
+    """
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_in = 1 / (sigma**2 + sd2).sqrt()
+        return c_skip, c_out, c_in
+
+    def time_input(self, sigma: Tensor) -> Tensor:
+        return sigma.log() / 4
+
+    def edm_config(self) -> dict[str, Any]:
+        """The JSON-able description :meth:`save_pretrained` writes next to the UNet."""
+        return {
+            "_class_name": "EDMPrecond",
+            "sigma_data": self.sigma_data,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "class_conditional": self.num_classes is not None,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "sample_size": self.sample_size,
+        }
+
+    def save_pretrained(
+        self,
+        path: str | os.PathLike[str],
+        overwrite: bool = False,
+        extra_config: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write ``path/unet/`` (diffusers config + safetensors) and ``path/edm_config.json``.
+
+        Refuses a folder that already holds a saved model unless ``overwrite=True``
+        (:func:`~lightning_losses.diffusion.loading.refuse_overwrite`). Returns the folder.
+        """
+        from lightning_losses.diffusion.loading import save_edm
+
+        return save_edm(self, path, overwrite=overwrite, extra_config=extra_config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> EDMPrecond:
+        """The denoiser in a LOCAL folder written by :meth:`save_pretrained` (eval mode).
+
+        Every key of :meth:`edm_config` must be in ``edm_config.json`` (a missing one is named);
+        nothing is downloaded.
+        """
+        from lightning_losses.diffusion.loading import load_edm
+
+        return load_edm(path)
 
 
 class DiffusersEpsDenoiser(Denoiser):
@@ -473,60 +583,17 @@ class DiffusersEpsDenoiser(Denoiser):
         subfolder: str | None = None,
         prediction_type: str | None = None,
     ) -> DiffusersEpsDenoiser:
-        """Load a teacher from a LOCAL diffusers folder (never from the hub).
+        """Load a teacher from a LOCAL diffusers folder (never from the hub), in eval mode.
 
-        Two layouts are accepted, under ``path`` (or ``path/subfolder``):
-
-        - a pipeline folder as written by ``DDPMPipeline.save_pretrained``: ``unet/`` (a
-          ``UNet2DModel``) and ``scheduler/scheduler_config.json``;
-        - a flat unet + scheduler pair: ``config.json`` + weights and ``scheduler_config.json``
-          in the same folder.
-
-        The scheduler class named in its config is used when diffusers has it (DDPM, DDIM, ...),
-        else ``DDPMScheduler``. The model is returned in eval mode.
+        Under ``path`` (or ``path/subfolder``): a pipeline folder (``DDPMPipeline.
+        save_pretrained``: ``unet/`` + ``scheduler/scheduler_config.json``) or a flat unet +
+        scheduler pair (``config.json`` + weights + ``scheduler_config.json``). The scheduler
+        class named in its config is used when diffusers has it, else ``DDPMScheduler``.
 
         Raises:
             FileNotFoundError: when the folder or the expected files are missing.
-            ValueError: when the folder holds something other than a ``UNet2DModel``.
+            ValueError: for another model than a ``UNet2DModel``, or unreadable weights.
         """
-        root = Path(path).expanduser()
-        if subfolder:
-            root = root / subfolder
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f"no local folder at {str(root)!r}: DiffusersEpsDenoiser.from_pretrained loads "
-                "local diffusers folders only; download the pipeline first (for example "
-                "`huggingface_hub.snapshot_download`) and pass its local path"
-            )
-        if (root / "unet" / "config.json").is_file():
-            unet_dir, scheduler_dir = root / "unet", root / "scheduler"
-        elif (root / "config.json").is_file() and (root / "scheduler_config.json").is_file():
-            unet_dir = scheduler_dir = root
-        else:
-            raise FileNotFoundError(
-                f"{str(root)!r} is neither a diffusers pipeline folder (unet/config.json and "
-                "scheduler/scheduler_config.json) nor a unet + scheduler pair (config.json and "
-                "scheduler_config.json side by side)"
-            )
-        scheduler_file = scheduler_dir / "scheduler_config.json"
-        if not scheduler_file.is_file():
-            raise FileNotFoundError(f"no scheduler config at {str(scheduler_file)!r}")
+        from lightning_losses.diffusion.loading import load_ddpm
 
-        import diffusers
-
-        unet_class = json.loads((unet_dir / "config.json").read_text()).get("_class_name")
-        if unet_class not in (None, "UNet2DModel"):
-            raise ValueError(
-                f"{str(unet_dir)!r} holds a {unet_class}, but DiffusersEpsDenoiser wraps a "
-                "UNet2DModel"
-            )
-        # low_cpu_mem_usage=False: the plain loader, without `accelerate` (and its notice).
-        unet = diffusers.UNet2DModel.from_pretrained(
-            unet_dir, local_files_only=True, low_cpu_mem_usage=False
-        )
-        scheduler_config = json.loads(scheduler_file.read_text())
-        scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
-        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
-            scheduler_class = diffusers.DDPMScheduler
-        scheduler = scheduler_class.from_config(scheduler_config)
-        return cls(unet, scheduler, prediction_type=prediction_type).eval()
+        return load_ddpm(cls, path, subfolder, prediction_type)

@@ -13,11 +13,14 @@ from lightning_losses.losses.calibration import (
     correctness_weights,
 )
 from lightning_losses.losses.consistency import (
+    ConsistencyLossOutput,
     consistency_distance,
     consistency_loss,
     pseudo_huber_c,
 )
 from lightning_losses.losses.distillation import (
+    DiffInstructLossOutput,
+    DMDLossOutput,
     diff_instruct_loss,
     dmd_gradient,
     dmd_loss,
@@ -55,6 +58,9 @@ from lightning_losses.losses.robust import (
 )
 
 __all__ = [
+    "ConsistencyLossOutput",
+    "DiffInstructLossOutput",
+    "DMDLossOutput",
     "OPLOutput",
     "OrthogonalProjectionLoss",
     "all_gather_rows",

@@ -26,11 +26,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["DISTANCES", "consistency_distance", "consistency_loss", "pseudo_huber_c"]
+from lightning_losses.checks import describe
+
+__all__ = [
+    "DISTANCES",
+    "ConsistencyLossOutput",
+    "consistency_distance",
+    "consistency_loss",
+    "pseudo_huber_c",
+]
 
 #: The distances :func:`consistency_loss` accepts.
 DISTANCES: tuple[str, ...] = ("l2", "l1", "pseudo_huber")
@@ -47,15 +56,11 @@ def pseudo_huber_c(shape: Sequence[int]) -> float:
     return 0.00054 * math.sqrt(size)
 
 
-def _shape(value: object) -> object:
-    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-
-
 def _check(pred: Tensor, target: Tensor, distance: str, huber_c: float | None) -> None:
     for name, value in (("pred", pred), ("target", target)):
         if not isinstance(value, Tensor) or value.ndim < 2:
             raise ValueError(
-                f"{name} must be a batched tensor of shape (B, ...), got {_shape(value)}"
+                f"{name} must be a batched tensor of shape (B, ...), got {describe(value)}"
             )
         if not value.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
@@ -98,12 +103,20 @@ def consistency_distance(
         return (diff.square().sum(dim=1) + c**2).sqrt() - c
 
 
+class ConsistencyLossOutput(NamedTuple):
+    """:func:`consistency_loss`: the loss and ``mse``, the mean squared difference over every
+    element (detached; comparable across distances)."""
+
+    loss: Tensor
+    mse: Tensor
+
+
 def consistency_loss(
     pred: Tensor,
     target: Tensor,
     distance: str = "l2",
     huber_c: float | None = None,
-) -> Tensor:
+) -> ConsistencyLossOutput:
     """The consistency loss: the batch mean of :func:`consistency_distance` (module docstring).
 
     Args:
@@ -114,9 +127,12 @@ def consistency_loss(
         huber_c: the pseudo-Huber constant c > 0; None: :math:`0.00054 \\sqrt{C H W}`.
 
     Returns:
-        A 0-d tensor in at least float32.
+        :class:`ConsistencyLossOutput`; ``loss`` is a 0-d tensor in at least float32.
 
     Raises:
         ValueError: as :func:`consistency_distance`.
     """
-    return consistency_distance(pred, target, distance, huber_c).mean()
+    loss = consistency_distance(pred, target, distance, huber_c).mean()
+    with torch.no_grad():
+        mse = (pred.detach().to(loss.dtype) - target.detach().to(loss.dtype)).square().mean()
+    return ConsistencyLossOutput(loss, mse)

@@ -46,11 +46,16 @@ stays float64).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from lightning_losses.checks import all_true, describe, working_dtype
+
 __all__ = [
+    "DMDLossOutput",
+    "DiffInstructLossOutput",
     "diff_instruct_loss",
     "dmd_gradient",
     "dmd_loss",
@@ -59,13 +64,32 @@ __all__ = [
 ]
 
 
-def _shape(value: object) -> object:
-    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+class DMDLossOutput(NamedTuple):
+    """:func:`dmd_loss`: the loss and its parts (detached).
+
+    Attributes:
+        loss: ``0.5 * mean(g^2)``, with gradient ``g / N`` to x.
+        difference: ``mean |D_fake - D_real|`` over every element.
+        normalizer: the batch mean of the per-sample ``mean_{c,h,w} |x - D_real|``.
+    """
+
+    loss: Tensor
+    difference: Tensor
+    normalizer: Tensor
+
+
+class DiffInstructLossOutput(NamedTuple):
+    """:func:`diff_instruct_loss`: the loss and ``difference = mean |D_fake - D_real|``."""
+
+    loss: Tensor
+    difference: Tensor
 
 
 def _check_batch(name: str, value: Tensor) -> None:
     if not isinstance(value, Tensor) or value.ndim < 2:
-        raise ValueError(f"{name} must be a batched tensor of shape (B, ...), got {_shape(value)}")
+        raise ValueError(
+            f"{name} must be a batched tensor of shape (B, ...), got {describe(value)}"
+        )
     if not value.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.shape[0] == 0:
@@ -81,20 +105,13 @@ def _check_same_shape(reference: str, x: Tensor, name: str, other: Tensor) -> No
         )
 
 
-def _working_dtype(*tensors: Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def dmd_gradient(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) -> Tensor:
     """The normalised DMD2 direction g (no gradient, NaN / inf -> 0), shaped like x.
 
     ``g = (denoised_fake - denoised_real) / mean_{c,h,w} |x - denoised_real|`` per sample, in at
     least float32. Inputs as in :func:`dmd_loss` (not checked here).
     """
-    dtype = _working_dtype(x, denoised_real, denoised_fake)
+    dtype = working_dtype(x, denoised_real, denoised_fake)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         x, real, fake = (t.detach().to(dtype) for t in (x, denoised_real, denoised_fake))
         dims = tuple(range(1, x.ndim))
@@ -103,7 +120,7 @@ def dmd_gradient(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) -> Ten
         return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def dmd_loss(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) -> Tensor:
+def dmd_loss(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) -> DMDLossOutput:
     """DMD2's distribution-matching generator loss; see the module docstring for the math.
 
     Args:
@@ -112,8 +129,9 @@ def dmd_loss(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) -> Tensor:
         denoised_fake: the fake denoiser's estimate of the same noisy x, same shape.
 
     Returns:
-        A 0-d tensor in at least float32, ``0.5 * mean(g^2)``, whose gradient with respect to x
-        is ``g / x.numel()``. A sample with ``x == denoised_real`` (0 / 0) contributes 0.
+        :class:`DMDLossOutput`; ``loss`` is a 0-d tensor in at least float32, ``0.5 *
+        mean(g^2)``, whose gradient with respect to x is ``g / x.numel()``. A sample with
+        ``x == denoised_real`` (0 / 0) contributes 0.
 
     Raises:
         ValueError: for non-float or unbatched inputs, or shapes that differ.
@@ -125,10 +143,17 @@ def dmd_loss(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) -> Tensor:
     with torch.autocast(device_type=x.device.type, enabled=False):
         xf = x.to(g.dtype)
         target = (xf - g).detach()
-        return 0.5 * torch.mean((xf - target) ** 2)
+        loss = 0.5 * torch.mean((xf - target) ** 2)
+        with torch.no_grad():
+            real = denoised_real.detach().to(g.dtype)
+            difference = (denoised_fake.detach().to(g.dtype) - real).abs().mean()
+            normalizer = (xf.detach() - real).abs().mean()
+    return DMDLossOutput(loss, difference, normalizer)
 
 
-def diff_instruct_loss(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) -> Tensor:
+def diff_instruct_loss(
+    x: Tensor, denoised_real: Tensor, denoised_fake: Tensor
+) -> DiffInstructLossOutput:
     """Diff-Instruct's generator loss: ``sum(sg(denoised_fake - denoised_real) * x) / B``.
 
     With :math:`\\delta = D_{fake}(x_t) - D_{real}(x_t)` (no gradient; NaN / inf entries -> 0,
@@ -151,8 +176,9 @@ def diff_instruct_loss(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) 
         denoised_fake: the fake denoiser's estimate of the same noisy x, same shape.
 
     Returns:
-        A 0-d tensor in at least float32 (autocast disabled). An entry where the difference is
-        NaN / inf contributes 0 to the value and to the gradient.
+        :class:`DiffInstructLossOutput`; ``loss`` is a 0-d tensor in at least float32 (autocast
+        disabled). An entry where the difference is NaN / inf contributes 0 to the value and to
+        the gradient.
 
     Raises:
         ValueError: for non-float, unbatched or empty inputs, or shapes that differ.
@@ -160,13 +186,14 @@ def diff_instruct_loss(x: Tensor, denoised_real: Tensor, denoised_fake: Tensor) 
     _check_batch("x", x)
     _check_same_shape("x", x, "denoised_real", denoised_real)
     _check_same_shape("x", x, "denoised_fake", denoised_fake)
-    dtype = _working_dtype(x, denoised_real, denoised_fake)
+    dtype = working_dtype(x, denoised_real, denoised_fake)
     with torch.autocast(device_type=x.device.type, enabled=False):
         with torch.no_grad():
             delta = denoised_fake.detach().to(dtype) - denoised_real.detach().to(dtype)
             # divided before the product, so that the gradient is exactly delta / B
-            direction = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0) / x.shape[0]
-        return (direction * x.to(dtype)).sum()
+            delta = torch.nan_to_num(delta, nan=0.0, posinf=0.0, neginf=0.0)
+            direction = delta / x.shape[0]
+        return DiffInstructLossOutput((direction * x.to(dtype)).sum(), delta.abs().mean())
 
 
 def edm_loss_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
@@ -190,7 +217,7 @@ def _per_sample_sigma(sigma: Tensor | float, x: Tensor, dtype: torch.dtype) -> T
             f"sigma must be a scalar, shape ({batch},) or ({batch}, 1, ..., 1) for a batch of "
             f"{batch}, got shape {tuple(s.shape)}"
         )
-    if not (torch.isfinite(s).all() and (s > 0).all()):
+    if not all(all_true(torch.isfinite(s).all(), (s > 0).all())):  # one host read
         raise ValueError("sigma must be finite and > 0 for every sample")
     return s.reshape(batch, *([1] * (x.ndim - 1)))
 
@@ -221,7 +248,7 @@ def fake_denoiser_loss(
         raise ValueError(f"sigma_data must be a float > 0, got {sigma_data!r}")
     if not (math.isfinite(sigma_data) and sigma_data > 0):
         raise ValueError(f"sigma_data must be a finite float > 0, got {sigma_data!r}")
-    dtype = _working_dtype(denoised, x)
+    dtype = working_dtype(denoised, x)
     if isinstance(sigma, Tensor) and sigma.is_floating_point():
         dtype = torch.promote_types(dtype, sigma.dtype)
     with torch.autocast(device_type=denoised.device.type, enabled=False):

@@ -31,20 +31,23 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_losses.checks import check_choice, check_float, check_int
 from lightning_losses.diffusion import Denoiser, heun_step, karras_sigmas
 from lightning_losses.diffusion.consistency import (
     ConsistencyPrecond,
     consistency_pipeline,
     consistency_sampler,
 )
+from lightning_losses.diffusion.loading import refuse_overwrite
 from lightning_losses.losses.consistency import DISTANCES, consistency_loss
-from lightning_losses.modules.distillation import OneStepDistillation, load_teacher
+from lightning_losses.modules.distillation import OneStepDistillation, loss_logs
+from lightning_losses.modules.ema import ema_update
 
 __all__ = ["ConsistencyDistillation"]
 
@@ -66,8 +69,8 @@ class ConsistencyDistillation(OneStepDistillation):
     ``sigma_data``, ``sigma_min`` and ``sigma_max``. Its time input is :math:`250 \\ln\\sigma`
     (diffusers' ``CMStochasticIterativeScheduler``), 1000 times EDMPrecond's
     :math:`\\tfrac14\\ln\\sigma` and unlike a DDPM UNet's t in [0, 1000): the copied weights
-    are a starting point whose time conditioning is relearnt. No fake denoiser
-    (``uses_fake_denoiser = False``): every training step is one student update.
+    are a starting point whose time conditioning is relearnt. No fake denoiser: every
+    training step is one student update.
 
     **Two EMAs.** The TARGET network :math:`f_{\\theta^-}` (``target_decay`` :math:`\\mu`):
     with :math:`\\mu > 0` a frozen copy ``target`` updated after every step,
@@ -87,14 +90,14 @@ class ConsistencyDistillation(OneStepDistillation):
     range (a DDPM teacher: [0.01, 157]) clamps the levels it is evaluated at; the ODE step
     itself runs between the table's levels.
 
-    **EL** (the base's single implementation): with ``el_weight > 0``, every step also draws
-    one-step samples :math:`x_g = f_\\theta(\\sigma_{max} z, \\sigma_{max})` (one extra student
-    forward, NOT clipped, with gradient; ``generator_batch_size`` of them, default the real
-    batch's size) and adds ``el_weight * EL(x_g, x)``; with ``el_weight == 0`` that forward
-    does not happen. ``train/grad_norm_base`` is the gradient norm of :math:`\\mathcal{L}_{CD}`
-    at the student's output :math:`f_\\theta(x_{\\sigma_i}, \\sigma_i)`, ``train/grad_norm_el``
-    that of EL at :math:`x_g`: both at the student's outputs, and their ratio (times
-    ``el_weight``) is ``train/grad_norm_ratio``.
+    **Supplementary losses** (EL, the base's single implementation): with any, every step also
+    draws one-step samples :math:`x_g = f_\\theta(\\sigma_{max} z, \\sigma_{max})` (one extra
+    student forward, NOT clipped, with gradient; ``generator_batch_size`` of them, default the
+    real batch's size); without, that forward does not happen. ``train/grad_norm_base`` is the
+    gradient norm of :math:`\\mathcal{L}_{CD}` at the student's output
+    :math:`f_\\theta(x_{\\sigma_i}, \\sigma_i)`, ``train/grad_norm_el`` that of EL at
+    :math:`x_g`. Logged: ``train/cm_mse`` (:class:`~lightning_losses.losses.consistency.
+    ConsistencyLossOutput`).
 
     **Sampling.** :meth:`sample` is one step, :math:`\\mathrm{clip}(f(\\sigma_{max} z,
     \\sigma_{max}), -1, 1)` (clipping with ``clip_denoised``, as the scheduler);
@@ -107,13 +110,6 @@ class ConsistencyDistillation(OneStepDistillation):
     ``"ddp_spawn"`` works (the find-unused strategies too).
 
     Args:
-        (see :class:`~lightning_losses.modules.distillation.OneStepDistillation` for the
-        shared ones; there is no fake denoiser, so no ``fake_*`` arguments)
-        generator: the student; None: ``ConsistencyPrecond.from_teacher(teacher, ...)``.
-        generator_optimizer: the student's optimizer; default RAdam lr 4e-4, betas (0.9,
-            0.999), no weight decay (openai's CIFAR-10 CD).
-        ema_decay: the slow sampling EMA ``generator_ema`` (None: none).
-        sigma_data: :math:`\\sigma_d` of the parameterisation; None: the teacher's (0.5).
         num_scales: N >= 2 Karras levels of the discretisation (18 on CIFAR-10, 40 on
             ImageNet-64).
         sigma_min: :math:`\\sigma_{min}` (boundary, 0.002).
@@ -123,28 +119,18 @@ class ConsistencyDistillation(OneStepDistillation):
         distance: ``"l2"``, ``"l1"`` or ``"pseudo_huber"``.
         huber_c: the pseudo-Huber c; None: iCT's :math:`0.00054 \\sqrt{C H W}`.
         clip_denoised: clip samples to [-1, 1] (and the scheduler's ``clip_denoised``).
+        generator_optimizer: the student's optimizer; default RAdam lr 4e-4, betas (0.9,
+            0.999), no weight decay (openai's CIFAR-10 CD).
+        **kwargs: the arguments of :class:`~lightning_losses.modules.distillation.
+            OneStepDistillation` (``generator``: the student, None:
+            ``ConsistencyPrecond.from_teacher(teacher, ...)``; ``sigma_data`` of the
+            parameterisation, None: the teacher's); ``generator_sigma`` is ``sigma_max``.
     """
 
-    uses_fake_denoiser = False
     base_loss_uses_samples = False
 
     def __init__(
         self,
-        teacher: nn.Module | None = None,
-        teacher_path: str | None = None,
-        generator: nn.Module | None = None,
-        num_classes: int | None = None,
-        class_conditional: bool = False,
-        el_weight: float = 0.0,
-        embedding_loss: nn.Module | None = None,
-        el_seed: int = 0,
-        el_weight_mode: Literal["fixed", "auto"] = "fixed",
-        generator_batch_size: int | None = None,
-        generator_optimizer: OptimizerCallable = _radam,
-        grad_clip: float | None = None,
-        ema_decay: float | None = 0.999,
-        log_grad_norm_every: int = 10,
-        sigma_data: float | None = None,
         num_scales: int = 18,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
@@ -153,68 +139,25 @@ class ConsistencyDistillation(OneStepDistillation):
         distance: str = "l2",
         huber_c: float | None = None,
         clip_denoised: bool = True,
+        generator_optimizer: OptimizerCallable = _radam,
+        **kwargs: Any,
     ) -> None:
-        if isinstance(num_scales, bool) or not isinstance(num_scales, int) or num_scales < 2:
-            raise ValueError(f"num_scales must be an int >= 2, got {num_scales!r}")
+        check_int(num_scales, "num_scales", minimum=2)
         if not 0 < sigma_min < sigma_max < math.inf:
             raise ValueError(
                 f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, "
                 f"sigma_max={sigma_max}"
             )
-        if not rho > 0:
-            raise ValueError(f"rho must be > 0, got {rho}")
-        if not (isinstance(target_decay, int | float) and 0.0 <= target_decay <= 1.0):
-            raise ValueError(f"target_decay must be in [0, 1], got {target_decay!r}")
-        if distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-        if huber_c is not None and not (math.isfinite(huber_c) and huber_c > 0):
-            raise ValueError(f"huber_c must be None or a finite float > 0, got {huber_c!r}")
-        # The student wraps the teacher's UNet: load the teacher here (the base would too).
-        # New local names: Lightning reads the hyper-parameters from this frame's arguments.
-        teacher_module, path_for_base = teacher, teacher_path
-        if teacher is None and teacher_path is not None:
-            teacher_module, path_for_base = load_teacher(teacher_path), None
-        student = generator
-        if isinstance(teacher_module, Denoiser):
-            resolved_sd = (
-                float(getattr(teacher_module, "sigma_data", 0.5))
-                if sigma_data is None
-                else float(sigma_data)
-            )
-            if student is None:
-                student = ConsistencyPrecond.from_teacher(
-                    teacher_module, resolved_sd, sigma_min, sigma_max
-                )
-            elif not isinstance(student, ConsistencyPrecond):
-                raise ValueError(
-                    "generator must be a ConsistencyPrecond (the boundary-condition "
-                    f"parameterisation), got {type(student).__name__}"
-                )
-            else:
-                mine = (resolved_sd, float(sigma_min), float(sigma_max))
-                theirs = (student.sigma_data, student.sigma_min, student.sigma_max)
-                if mine != theirs:
-                    raise ValueError(
-                        f"the generator has (sigma_data, sigma_min, sigma_max) = {theirs} but "
-                        f"the module has {mine}; make them equal"
-                    )
+        check_float(rho, "rho", minimum=0.0, strict_minimum=True)
+        check_float(target_decay, "target_decay", minimum=0.0, maximum=1.0)
+        check_choice(distance, "distance", DISTANCES)
+        if huber_c is not None:
+            check_float(huber_c, "huber_c", minimum=0.0, strict_minimum=True)
+        # Read by initial_generator while the base builds the student (plain floats may be set
+        # before nn.Module.__init__).
+        self._student_sigmas = (float(sigma_min), float(sigma_max))
         super().__init__(
-            teacher=teacher_module,
-            teacher_path=path_for_base,
-            generator=student,
-            num_classes=num_classes,
-            class_conditional=class_conditional,
-            el_weight=el_weight,
-            embedding_loss=embedding_loss,
-            el_seed=el_seed,
-            el_weight_mode=el_weight_mode,
-            generator_batch_size=generator_batch_size,
-            generator_optimizer=generator_optimizer,
-            grad_clip=grad_clip,
-            ema_decay=ema_decay,
-            log_grad_norm_every=log_grad_norm_every,
-            generator_sigma=sigma_max,
-            sigma_data=sigma_data,
+            generator_optimizer=generator_optimizer, generator_sigma=sigma_max, **kwargs
         )
         table = karras_sigmas(num_scales, sigma_min, sigma_max, rho)
         self.register_buffer("sigma_table", table.to(torch.float32), persistent=False)
@@ -228,6 +171,25 @@ class ConsistencyDistillation(OneStepDistillation):
         if self.target_decay > 0:
             self.target = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self._pair_rng: torch.Generator | None = None
+
+    def initial_generator(self, teacher: Denoiser, generator: nn.Module | None) -> Denoiser:
+        """The student: ``ConsistencyPrecond.from_teacher`` or a checked ``generator``."""
+        sigma_min, sigma_max = self._student_sigmas
+        if generator is None:
+            return ConsistencyPrecond.from_teacher(teacher, self.sigma_data, sigma_min, sigma_max)
+        if not isinstance(generator, ConsistencyPrecond):
+            raise ValueError(
+                "generator must be a ConsistencyPrecond (the boundary-condition "
+                f"parameterisation), got {type(generator).__name__}"
+            )
+        mine = (self.sigma_data, sigma_min, sigma_max)
+        theirs = (generator.sigma_data, generator.sigma_min, generator.sigma_max)
+        if mine != theirs:
+            raise ValueError(
+                f"the generator has (sigma_data, sigma_min, sigma_max) = {theirs} but the "
+                f"module has {mine}; make them equal"
+            )
+        return super().initial_generator(teacher, generator)
 
     # --------------------------------------------------------------------------------------
     # Randomness of the training pairs
@@ -282,13 +244,14 @@ class ConsistencyDistillation(OneStepDistillation):
     def base_objective(
         self,
         x: Tensor | None,
-        labels: Tensor | None,
+        class_labels: Tensor | None,
         real: Tensor | None,
         real_labels: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """:math:`\\mathcal{L}_{CD}` on the REAL batch, measured at the student's output.
 
-        ``x`` / ``labels`` (the one-step samples, present only with EL) are not used.
+        ``x`` / ``class_labels`` (the one-step samples, present only with supplementary
+        losses) are not used.
 
         Raises:
             ValueError: without real images, or without real labels when class conditional.
@@ -307,29 +270,23 @@ class ConsistencyDistillation(OneStepDistillation):
                 )
             condition = real_labels.to(self.device)
         pred, target, _, _ = self.consistency_pair(real, condition)
-        loss = consistency_loss(pred, target, self.distance, self.huber_c)
-        return loss, {}, pred
+        out = consistency_loss(pred, target, self.distance, self.huber_c)
+        return out.loss, loss_logs("cm", out), pred
 
-    def _generator_update(
-        self, optimizer: Any, x: Tensor | None, real: Any, labels: Tensor | None
+    def generator_update(
+        self, x: Tensor | None, real: Any, class_labels: Tensor | None
     ) -> dict[str, Tensor]:
-        logs = super()._generator_update(optimizer, x, real, labels)
+        logs = super().generator_update(x, real, class_labels)
         if self.target is not None:
             self.update_target()
         return logs
 
-    @torch.no_grad()
     def update_target(self, decay: float | None = None) -> None:
-        """``target = mu * target + (1 - mu) * student`` (buffers copied), mu = target_decay."""
+        """``target = mu * target + (1 - mu) * student`` (:func:`~.ema.ema_update`), mu =
+        ``target_decay``."""
         if self.target is None:
             raise RuntimeError("target_decay=0: the target is the student itself")
-        decay = self.target_decay if decay is None else float(decay)
-        target_params = dict(self.target.named_parameters())
-        for name, param in self.generator.named_parameters():
-            target_params[name].lerp_(param.detach().to(target_params[name].dtype), 1.0 - decay)
-        target_buffers = dict(self.target.named_buffers())
-        for name, buffer in self.generator.named_buffers():
-            target_buffers[name].copy_(buffer)
+        ema_update(self.target, self.generator, self.target_decay if decay is None else decay)
 
     def train(self, mode: bool = True) -> ConsistencyDistillation:
         """Set the mode; the teacher, the EMA and the target stay in eval mode."""
@@ -341,16 +298,11 @@ class ConsistencyDistillation(OneStepDistillation):
     # --------------------------------------------------------------------------------------
     # Sampling and export
 
-    def _sampling_network(self, use_ema: bool) -> nn.Module:
-        if use_ema and self.generator_ema is not None:
-            return self.generator_ema
-        return self.generator
-
     @torch.no_grad()
     def sample(
         self,
         n: int,
-        labels: Tensor | None = None,
+        class_labels: Tensor | None = None,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
     ) -> Tensor:
@@ -358,7 +310,7 @@ class ConsistencyDistillation(OneStepDistillation):
         with ``clip_denoised``; z (then labels, if not given) drawn from ``generator`` as in
         the base. The exported pipeline gives ``(sample + 1) / 2`` for the same seed.
         """
-        x = super().sample(n, labels=labels, generator=generator, use_ema=use_ema)
+        x = super().sample(n, class_labels=class_labels, generator=generator, use_ema=use_ema)
         return x.clamp(-1, 1) if self.clip_denoised else x
 
     @torch.no_grad()
@@ -366,42 +318,31 @@ class ConsistencyDistillation(OneStepDistillation):
         self,
         n: int,
         sigmas: Sequence[float] | Tensor,
-        labels: Tensor | None = None,
+        class_labels: Tensor | None = None,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
     ) -> Tensor:
-        """Few-step sampling (Algorithm 1): denoise, re-noise to the next level, repeat.
+        """Few-step sampling (Algorithm 1,
+        :func:`~lightning_losses.diffusion.consistency.consistency_sampler`).
 
-        :math:`x = \\sigma_0 z`; :math:`\\hat x = \\mathrm{clip}(f(x, \\sigma_i))`;
-        :math:`x = \\hat x + \\sqrt{\\sigma_{i+1}^2 - \\sigma_{min}^2}\\,\\epsilon` before each
-        next level (:func:`~lightning_losses.diffusion.consistency.consistency_sampler`).
         Draw order from ``generator``: z, the labels (class conditional and not given), then
         one noise per re-noising; ``sigmas=(sigma_max,)`` equals :meth:`sample`. The pipeline
-        draws missing labels from the global RNG instead: pass ``labels`` to compare.
+        draws missing labels from the global RNG instead: pass ``class_labels`` to compare.
 
         Args:
             n: number of samples.
             sigmas: strictly decreasing levels in ``[sigma_min, sigma_max]``, e.g. the
                 paper's two steps on CIFAR-10 ``(80.0, 0.821)``.
-            labels: ``(n,)`` classes of a class-conditional model (uniform if None).
+            class_labels: ``(n,)`` classes of a class-conditional model (uniform if None).
             generator: the ``torch.Generator`` of every draw (None: the global RNG).
             use_ema: the slow EMA student (when there is one).
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if labels is not None and not self.class_conditional:
-            raise ValueError("labels were given but the generator is unconditional")
-        device = generator.device if generator is not None else self.device
-        z = torch.randn((n, *self.image_shape), generator=generator, device=device)
-        if self.class_conditional and labels is None:
-            labels = torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
-        if labels is not None:
-            labels = labels.to(self.device)
+        z, class_labels = self.draw_noise(n, class_labels, generator)
         return consistency_sampler(
-            self._sampling_network(use_ema),
-            z.to(self.device),
+            self.sampling_network(use_ema),
+            z,
             sigmas,
-            class_labels=labels,
+            class_labels=class_labels,
             generator=generator,
             clip_denoised=self.clip_denoised,
         )
@@ -416,14 +357,16 @@ class ConsistencyDistillation(OneStepDistillation):
                 ``UNet2DModel``.
         """
         return consistency_pipeline(
-            self._sampling_network(use_ema),
+            self.sampling_network(use_ema),
             num_train_timesteps=self.num_scales,
             rho=self.rho,
             clip_denoised=self.clip_denoised,
             copy_weights=copy_weights,
         )
 
-    def save_pretrained(self, path: str | os.PathLike[str], use_ema: bool = True) -> Path:
+    def save_pretrained(
+        self, path: str | os.PathLike[str], use_ema: bool = True, overwrite: bool = False
+    ) -> Path:
         """Write the student as a ``ConsistencyModelPipeline`` folder; return the folder.
 
         Layout (``DiffusionPipeline.save_pretrained``): ``model_index.json``, ``unet/`` (config +
@@ -437,8 +380,12 @@ class ConsistencyDistillation(OneStepDistillation):
         Args:
             path: the folder (created if missing).
             use_ema: save the slow EMA student (when there is one; else the trained one).
+            overwrite: write into a folder that already holds a saved model.
+
+        Raises:
+            FileExistsError: when ``path`` holds a saved model and ``overwrite`` is False.
         """
-        root = Path(path).expanduser()
+        root = refuse_overwrite(path, overwrite)
         pipeline = self.to_pipeline(use_ema=use_ema, copy_weights=False)
         root.mkdir(parents=True, exist_ok=True)
         pipeline.save_pretrained(root, safe_serialization=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,13 +14,41 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_losses.diffusion import EDMPrecond, edm_heun_sampler, edm_loss, unet_for_images
+from lightning_losses.checks import check_float, describe
+from lightning_losses.diffusion import (
+    Denoiser,
+    EDMPrecond,
+    edm_heun_sampler,
+    edm_loss,
+    load_denoiser,
+    split_real_batch,
+    trusted_sigmas,
+    unet_for_images,
+)
 from lightning_losses.diffusion.checks import check_diffusion_images
 from lightning_losses.modules._hparams import save_config_hyperparameters
+from lightning_losses.modules.ema import ema_update
 
-EDM_CONFIG_NAME = "edm_config.json"
-UNET_SUBFOLDER = "unet"
-# Data "in [-1, 1]" up to this slack (interpolation and float rounding).
+#: The command that trains and exports the digits teacher the distillation configs load.
+TEACHER_COMMAND = "lightning-losses fit --config configs/distillation/digits_teacher.yaml"
+
+
+def load_teacher(path: str | os.PathLike[str]) -> Denoiser:
+    """:func:`~lightning_losses.diffusion.load_denoiser`, with how to make the digits teacher.
+
+    Raises:
+        FileNotFoundError: when ``path`` holds no teacher (the message names
+            :data:`TEACHER_COMMAND`).
+        ValueError: as :func:`~lightning_losses.diffusion.load_denoiser`.
+    """
+    try:
+        return load_denoiser(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}. Train and export the digits teacher first: {TEACHER_COMMAND} (it writes "
+            "runs/distillation/digits_teacher/export), or set model.init_args.teacher_path to a "
+            "local teacher folder"
+        ) from err
 
 
 def _adam(params: Any) -> torch.optim.Optimizer:
@@ -29,25 +56,15 @@ def _adam(params: Any) -> torch.optim.Optimizer:
 
 
 def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """``(images, labels or None)`` from a tensor, an ``(x, y, ...)`` sequence or a dict."""
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, dict):
-        images = next((batch[k] for k in ("images", "image", "pixel_values") if k in batch), None)
-        if images is None:
-            raise ValueError(
-                "a dict batch must hold the images under 'images', 'image' or 'pixel_values', "
-                f"got keys {sorted(batch)}"
-            )
-        labels = next((batch[k] for k in ("labels", "label", "class_labels") if k in batch), None)
-        return images, labels
-    if isinstance(batch, list | tuple) and len(batch) >= 1 and isinstance(batch[0], Tensor):
-        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-        return batch[0], labels
-    raise ValueError(
-        "a batch must be an image tensor, an (images, labels, ...) sequence or a dict with "
-        f"'images' (and 'labels'), got {type(batch).__name__}"
-    )
+    """``(images, labels or None)`` of a batch (:func:`~lightning_losses.diffusion.
+    split_real_batch`; a batch without images is an error here)."""
+    real = split_real_batch(batch)
+    if real.images is None:
+        raise ValueError(
+            "a batch must be a (B, C, H, W) image tensor, an (images, labels, ...) sequence or a "
+            f"dict with 'images' (and 'labels'), got {describe(batch)}"
+        )
+    return real.images, real.labels
 
 
 class DiffusionTeacher(L.LightningModule):
@@ -71,18 +88,11 @@ class DiffusionTeacher(L.LightningModule):
         \\mathcal{L} = \\mathbb{E}\\Big[\\frac{\\sigma^2 + \\sigma_d^2}{(\\sigma\\,\\sigma_d)^2}
             \\big\\| D(x + \\sigma\\epsilon; \\sigma) - x \\big\\|^2\\Big].
 
-    An exponential moving average of the denoiser's weights, with a constant ``decay``
-    :math:`\\beta`, is updated after every optimizer step:
-
-    .. math::
-
-        \\bar\\theta_{k} = \\beta\\, \\bar\\theta_{k-1} + (1 - \\beta)\\, \\theta_{k}, \\qquad
-        \\bar\\theta_0 = \\theta_0,
-
-    so after :math:`k` steps :math:`\\bar\\theta_k = \\beta^k \\theta_0 + (1 - \\beta)
-    \\sum_{j=1}^{k} \\beta^{k-j} \\theta_j`. It lives in :attr:`ema` (a frozen copy of the
-    denoiser, outside the optimizer, inside the ``state_dict``: checkpoints resume it) and is what
-    :meth:`sample` and :meth:`save_pretrained` use by default.
+    A constant-decay exponential moving average of the denoiser's weights
+    (:func:`~lightning_losses.modules.ema.ema_update`) is updated after every optimizer step. It
+    lives in :attr:`ema` (a frozen copy of the denoiser, outside the optimizer, inside the
+    ``state_dict``: checkpoints resume it) and is what :meth:`sample` and :meth:`save_pretrained`
+    use by default.
 
     Class conditioning is opt-in (``class_conditional=True``): the CLI always links
     ``num_classes`` from the data module, which alone changes nothing. A conditional teacher
@@ -152,8 +162,8 @@ class DiffusionTeacher(L.LightningModule):
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
         if sample_steps < 1:
             raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
-        if not p_std >= 0:
-            raise ValueError(f"p_std must be >= 0, got {p_std}")
+        check_float(p_mean, "p_mean")
+        check_float(p_std, "p_std", minimum=0.0)
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(
                 f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
@@ -258,15 +268,16 @@ class DiffusionTeacher(L.LightningModule):
         denoiser: nn.Module | None = None,
     ) -> Tensor:
         """The EDM loss of ``denoiser`` (the trained one by default) on a clean batch."""
-        return edm_loss(
-            self.denoiser if denoiser is None else denoiser,
-            x,
-            class_labels=class_labels,
-            p_mean=self.p_mean,
-            p_std=self.p_std,
-            sigma_data=self.sigma_data,
-            generator=generator,
-        )
+        with trusted_sigmas():  # exp of a normal draw: finite and > 0
+            return edm_loss(
+                self.denoiser if denoiser is None else denoiser,
+                x,
+                class_labels=class_labels,
+                p_mean=self.p_mean,
+                p_std=self.p_std,
+                sigma_data=self.sigma_data,
+                generator=generator,
+            )
 
     # --------------------------------------------------------------------------------------
     # Lightning hooks
@@ -322,19 +333,10 @@ class DiffusionTeacher(L.LightningModule):
     # --------------------------------------------------------------------------------------
     # EMA, sampling, export
 
-    @torch.no_grad()
     def update_ema(self, decay: float | None = None) -> None:
-        """One EMA update: ``ema = decay * ema + (1 - decay) * weights`` (buffers copied).
-
-        Computed in the EMA's dtype; every rank does the same update on the same weights.
-        """
-        decay = self.ema_decay if decay is None else float(decay)
-        ema_params = dict(self.ema.named_parameters())
-        for name, param in self.denoiser.named_parameters():
-            ema_params[name].lerp_(param.detach().to(ema_params[name].dtype), 1.0 - decay)
-        ema_buffers = dict(self.ema.named_buffers())
-        for name, buffer in self.denoiser.named_buffers():
-            ema_buffers[name].copy_(buffer)
+        """One EMA update (:func:`~lightning_losses.modules.ema.ema_update`); every rank does the
+        same update on the same weights."""
+        ema_update(self.ema, self.denoiser, self.ema_decay if decay is None else decay)
 
     def _noise(self, n: int, generator: torch.Generator | None) -> Tensor:
         hw = self._image_hw()
@@ -348,11 +350,11 @@ class DiffusionTeacher(L.LightningModule):
     def sample(
         self,
         n: int,
-        num_steps: int | None = None,
         class_labels: Tensor | None = None,
         generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
         use_ema: bool = True,
+        num_steps: int | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """``n`` images in [-1, 1] (about) from EDM's Heun sampler, with the EMA weights.
 
@@ -362,12 +364,12 @@ class DiffusionTeacher(L.LightningModule):
 
         Args:
             n: number of images.
-            num_steps: noise levels (``sample_steps`` if None).
             class_labels: ``(n,)`` integer labels, required by a class-conditional teacher and
                 refused by an unconditional one.
             generator: draws the noise (on its own device) when ``noise`` is None.
-            noise: standard normal ``(n, C, H, W)`` noise to start from instead.
             use_ema: sample with the EMA (default) or the trained weights.
+            num_steps: noise levels (``sample_steps`` if None).
+            noise: standard normal ``(n, C, H, W)`` noise to start from instead.
 
         Returns:
             A float32 ``(n, C, H, W)`` tensor on the module's device.
@@ -402,81 +404,47 @@ class DiffusionTeacher(L.LightningModule):
 
     def edm_config(self) -> dict[str, Any]:
         """The JSON-able description written next to the UNet by :meth:`save_pretrained`."""
-        return {
-            "_class_name": "EDMPrecond",
-            "sigma_data": self.denoiser.sigma_data,
-            "sigma_min": self.denoiser.sigma_min,
-            "sigma_max": self.denoiser.sigma_max,
-            "class_conditional": self.class_conditional,
-            "num_classes": self.denoiser.num_classes,
-            "in_channels": self.in_channels,
-            "sample_size": self.sample_size,
-        }
+        return self.denoiser.edm_config()
 
-    def save_pretrained(self, path: str | os.PathLike[str], use_ema: bool = True) -> Path:
-        """Write the teacher to a local folder that :meth:`from_pretrained` loads.
+    def save_pretrained(
+        self, path: str | os.PathLike[str], use_ema: bool = True, overwrite: bool = False
+    ) -> Path:
+        """Write the EMA (``use_ema=False``: the trained) denoiser to a local folder that
+        :meth:`from_pretrained` loads (:meth:`EDMPrecond.save_pretrained`: ``unet/`` +
+        ``edm_config.json``, with ``"weights": "ema" | "trained"``); returns the folder.
 
-        Layout: ``path/unet/`` (diffusers ``save_pretrained``: ``config.json`` and safetensors
-        weights) of the EMA UNet (``use_ema=False``: the trained one) and ``path/edm_config.json``
-        with ``sigma_data``, ``sigma_min``, ``sigma_max``, ``class_conditional``, ``num_classes``.
-        Returns the folder.
+        Raises:
+            FileExistsError: when ``path`` already holds a saved model and ``overwrite`` is
+                False.
         """
-        unet = (self.ema if use_ema else self.denoiser).unet
-        if not hasattr(unet, "save_pretrained"):
-            raise TypeError(
-                f"save_pretrained needs a diffusers model (UNet2DModel), got "
-                f"{type(unet).__name__}; save its state_dict instead"
-            )
-        root = Path(path).expanduser()
-        root.mkdir(parents=True, exist_ok=True)
-        unet.save_pretrained(root / UNET_SUBFOLDER, safe_serialization=True)
-        config = self.edm_config()
-        config["weights"] = "ema" if use_ema else "trained"
-        (root / EDM_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        return root
+        denoiser = self.ema if use_ema else self.denoiser
+        extra = {"weights": "ema" if use_ema else "trained"}
+        return denoiser.save_pretrained(path, overwrite=overwrite, extra_config=extra)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> EDMPrecond:
-        """The :class:`EDMPrecond` denoiser saved by :meth:`save_pretrained` (eval mode).
+        """The :class:`EDMPrecond` denoiser saved by :meth:`save_pretrained` (eval mode; local
+        folders only, :meth:`EDMPrecond.from_pretrained`)."""
+        return EDMPrecond.from_pretrained(path)
 
-        LOCAL folders only (nothing is fetched, so it works with ``HF_HUB_OFFLINE=1``); the
-        weights are read by diffusers' loader (safetensors).
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _refuse_other_checkpoints(checkpoint)
 
-        Raises:
-            FileNotFoundError: when ``path`` lacks ``edm_config.json`` or ``unet/config.json``.
-            ValueError: when the saved config and the UNet disagree.
-        """
-        root = Path(path).expanduser()
-        config_file = root / EDM_CONFIG_NAME
-        unet_dir = root / UNET_SUBFOLDER
-        if not config_file.is_file() or not (unet_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{str(root)!r} is not a teacher folder written by DiffusionTeacher."
-                f"save_pretrained: it needs {EDM_CONFIG_NAME} and {UNET_SUBFOLDER}/config.json "
-                "(local folders only; nothing is downloaded)"
-            )
-        config = json.loads(config_file.read_text())
-        unet_class = json.loads((unet_dir / "config.json").read_text()).get("_class_name")
-        if unet_class not in (None, "UNet2DModel"):
-            raise ValueError(f"{str(unet_dir)!r} holds a {unet_class}, not a UNet2DModel")
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's loader, refusing a checkpoint of another module with a clear error."""
+        if isinstance(checkpoint_path, str | os.PathLike) and Path(checkpoint_path).is_file():
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            _refuse_other_checkpoints(checkpoint, checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
-        from diffusers import UNet2DModel
 
-        # low_cpu_mem_usage=False: the plain loader, without `accelerate` (and its notice).
-        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
-        denoiser = EDMPrecond(
-            unet,
-            sigma_data=float(config.get("sigma_data", 0.5)),
-            sigma_min=float(config.get("sigma_min", 0.002)),
-            sigma_max=float(config.get("sigma_max", 80.0)),
+def _refuse_other_checkpoints(checkpoint: dict[str, Any], path: object = "the checkpoint") -> None:
+    keys = checkpoint.get("state_dict", {}).keys()
+    if keys and not any(k.startswith("denoiser.") for k in keys):
+        heads = sorted({k.split(".")[0] for k in keys})
+        raise ValueError(
+            f"{path} is not a DiffusionTeacher checkpoint (its weights are {heads}, e.g. a "
+            "distillation module's): load it with the class that wrote it, e.g. "
+            "DMDDistillation.load_from_checkpoint"
         )
-        conditional = bool(config.get("class_conditional", denoiser.num_classes is not None))
-        if conditional != (denoiser.num_classes is not None) or (
-            conditional and config.get("num_classes") != denoiser.num_classes
-        ):
-            raise ValueError(
-                f"{EDM_CONFIG_NAME} says class_conditional={conditional}, num_classes="
-                f"{config.get('num_classes')} but the UNet has num_class_embeds="
-                f"{denoiser.num_classes}"
-            )
-        return denoiser.eval()

@@ -51,16 +51,17 @@ def test_step_kinds_follow_the_schedule(bench):
     module = bench.make_module(teacher, el=True, device=torch.device("cpu"))
     module.log_grad_norm_every = 2
     batch = bench.real_batches(module.image_shape, 4, 1, torch.device("cpu"))[0]
-    kinds = []
-    for index in range(15):
+    kinds, logs = [], []
+    for _ in range(15):
         kinds.append(bench.step_kind(module))
-        module.training_step(batch, index)
+        logs.append(module.train_step(batch))  # no Trainer, no stubs
     # Generator steps are training steps 4, 9, 14; the grad norms are logged at generator steps
     # 0 and 2 (log_grad_norm_every=2), with their logs.
     assert kinds == (["fake"] * 4 + ["gen_norms"] + ["fake"] * 4 + ["gen"]) + (
         ["fake"] * 4 + ["gen_norms"]
     )
-    assert "train/grad_norm_el" in module.last_logs
+    assert "train/grad_norm_el" in logs[4] and "train/grad_norm_el" not in logs[9]
+    assert set(logs[0]) == {"train/loss_fake"}
     assert int(module.generator_steps) == 3 and int(module.fake_steps) == 15
 
 

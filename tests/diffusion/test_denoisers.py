@@ -188,6 +188,44 @@ def test_edm_precond_scalar_sigma_forms_agree():
         denoiser(x, 0.0)
 
 
+@pytest.mark.parametrize(
+    "sigma",
+    [
+        torch.zeros(3),
+        torch.tensor([0.5, -0.1, 0.5]),
+        torch.tensor(float("inf")),
+        torch.tensor([0.5, float("nan"), 0.5]),
+        float("inf"),
+        float("nan"),
+        -1.0,
+    ],
+    ids=["zeros", "negative", "inf_tensor", "nan_tensor", "inf", "nan", "negative_float"],
+)
+def test_edm_precond_refuses_tensor_and_float_sigmas_that_are_not_positive_and_finite(sigma):
+    denoiser = EDMPrecond(StubUNet())
+    with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+        denoiser(torch.randn(3, 1, 8, 8), sigma)
+
+
+def test_trusted_sigmas_skips_the_tensor_check_and_nothing_else(monkeypatch):
+    from lightning_losses.diffusion import trusted_sigmas
+
+    denoiser = EDMPrecond(StubUNet())
+    x = torch.randn(3, 1, 8, 8)
+    reads = []
+    original = Tensor.__bool__
+    monkeypatch.setattr(Tensor, "__bool__", lambda t: reads.append(1) or original(t))
+    denoiser(x, torch.full((3,), 0.7))
+    assert len(reads) == 1  # one host read for the check
+    reads.clear()
+    with trusted_sigmas():
+        out = denoiser(x, torch.full((3,), 0.7))
+        assert reads == []
+        with pytest.raises(ValueError, match="sigma"):
+            denoiser(x, 0.0)  # a Python float is still checked (free)
+    torch.testing.assert_close(out, denoiser(x, 0.7))
+
+
 def test_edm_precond_with_a_real_unet_recomputes_by_hand():
     unet = tiny_unet()
     denoiser = EDMPrecond(unet)

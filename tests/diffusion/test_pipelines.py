@@ -155,7 +155,7 @@ def test_edm_class_conditional_round_trip_given_and_drawn_labels(tmp_path):
     assert pipeline.config.num_classes == 4 and pipeline.config.generator_sigma == 20.0
 
     labels = torch.tensor([3, 0, 2, 1, 3])
-    expected = model.sample(5, labels=labels, generator=torch.Generator().manual_seed(0))
+    expected = model.sample(5, class_labels=labels, generator=torch.Generator().manual_seed(0))
     assert torch.equal(pt(pipeline, 5, 0, class_labels=labels), expected)
     assert torch.equal(pt(pipeline, 5, 0, class_labels=labels.tolist()), expected)
 
@@ -231,9 +231,15 @@ def test_ddpm_teacher_folder_trains_with_dmd_exports_and_reloads(tmp_path):
     """A diffusers DDPM pipeline folder as teacher, end to end: train, export, reload, sample."""
     teacher_unet = write_ddpm_pipeline(tmp_path / "ddpm")
     L.seed_everything(0)
+    from lightning_losses.losses import EmbeddingLoss
+    from lightning_losses.nets.embedders import RandomEmbedderBank
+
+    # a random DDPM teacher generates far outside [-1, 1] at sigma_g = 157: EL's range check off
+    el = EmbeddingLoss(RandomEmbedderBank(1, seed=0), value_range=None)
     model = DMDDistillation(
         teacher_path=str(tmp_path / "ddpm"),
         el_weight=0.01,
+        embedding_loss=el,
         fake_updates_per_generator=1,
         ema_decay=0.5,
     )
@@ -387,18 +393,45 @@ def test_load_teacher_reads_the_three_layouts(tmp_path):
 
 
 def test_load_teacher_missing_or_unreadable_folder_messages(tmp_path):
-    layouts = r"digits_teacher\.yaml.*edm_config\.json.*model_index\.json.*scheduler_config\.json"
-    with pytest.raises(FileNotFoundError, match="no teacher at .*" + layouts):
+    layouts = r"edm_config\.json.*model_index\.json.*scheduler_config\.json.*digits_teacher\.yaml"
+    with pytest.raises(FileNotFoundError, match="no denoiser folder at .*" + layouts):
         load_teacher(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no teacher .*" + layouts):
+    with pytest.raises(FileNotFoundError, match="holds no denoiser .*" + layouts):
         load_teacher(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="digits_teacher.yaml"):
         DMDDistillation(teacher_path=str(tmp_path / "missing"))
     # a distilled generator is not a teacher
     one_step_pipeline_from_denoiser(tiny_edm(), 80.0).save_pretrained(tmp_path / "one_step")
-    with pytest.raises(ValueError, match="one-step generator"):
+    with pytest.raises(ValueError, match=r"distilled generator \(OneStepPipeline\)"):
         load_teacher(tmp_path / "one_step")
+
+
+def test_save_pretrained_refuses_a_folder_holding_another_model_and_load_checks_the_class_first(
+    tmp_path,
+):
+    """Issue 14.2: a generator saved over a teacher folder no longer replaces its unet/."""
+    torch.manual_seed(0)
+    teacher = DiffusionTeacher(in_channels=1, sample_size=8, channels=(8, 16))
+    folder = teacher.save_pretrained(tmp_path / "teacher")
+    weights = {p.name: p.read_bytes() for p in (folder / "unet").iterdir()}
+    model = DMDDistillation(teacher=load_teacher(folder))
+    with pytest.raises(FileExistsError, match="already holds a saved model.*overwrite=True"):
+        model.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in (folder / "unet").iterdir()} == weights
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        teacher.save_pretrained(folder)  # the teacher too: re-saving must be asked for
+    teacher.save_pretrained(folder, overwrite=True)
+    # asked for: the folder now holds the generator AND the old edm_config.json; the pipeline
+    # class is read first, so it is not taken for a teacher
+    model.save_pretrained(folder, overwrite=True)
+    assert (folder / "edm_config.json").is_file()
+    with pytest.raises(ValueError, match="distilled generator"):
+        load_teacher(folder)
+    # an empty folder, or a folder with other files, is fine
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("x")
+    model.save_pretrained(tmp_path / "notes")
 
 
 # ------------------------------------------------------------------------------------------
@@ -414,7 +447,8 @@ def test_cifar_config_holds_the_documented_recipe():
     assert args["teacher_path"] == "data/ddpm-cifar10-32"
     assert args["fake_updates_per_generator"] == 5
     assert args["grad_clip"] == args["fake_grad_clip"] == 10.0
-    assert args["ema_decay"] == 0.999 and args["el_weight"] > 0
+    (el,) = args["supplementary_losses"]  # EL composed, not the el_weight shorthand
+    assert args["ema_decay"] == 0.999 and el["init_args"]["weight"] > 0
     for name in ("generator_optimizer", "fake_optimizer"):
         assert args[name]["class_path"] == "torch.optim.AdamW"
         assert 2e-6 <= args[name]["init_args"]["lr"] <= 1e-5
@@ -478,6 +512,7 @@ def test_cifar_config_instantiates_with_a_tiny_ddpm_teacher(tmp_path):
     assert model.fake_updates_per_generator == 5
     assert model.grad_clip == model.fake_grad_clip == 10.0
     assert model.embedding_loss is not None and model.ema_decay == 0.999
+    assert model.supplementary("el").weight == 0.002 and model.el_weight == 0  # composed
     assert all(isinstance(o, torch.optim.AdamW) for o in model.configure_optimizers())
     assert isinstance(cli.datamodule, CIFAR10DataModule) and cli.datamodule.val_size == 0
     assert cli.datamodule.normalize == "symmetric"

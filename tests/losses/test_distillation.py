@@ -27,10 +27,16 @@ def _g_by_hand(x, real, fake):
 def test_dmd_loss_gradient_is_g_over_numel():
     x, real, fake = _batch()
     x.requires_grad_()
-    loss = dmd_loss(x, real, fake)
+    out = dmd_loss(x, real, fake)
+    loss = out.loss
     loss.backward()
     g = _g_by_hand(x.detach(), real, fake)
     assert torch.allclose(x.grad, g / x.numel(), rtol=1e-12, atol=0)
+    # the logged parts: mean |D_fake - D_real| and the mean normaliser, without gradient
+    assert float(out.difference) == pytest.approx(float((fake - real).abs().mean()), rel=1e-12)
+    scales = [float((x[b] - real[b]).detach().abs().mean()) for b in range(x.shape[0])]
+    assert float(out.normalizer) == pytest.approx(sum(scales) / len(scales), rel=1e-12)
+    assert not out.difference.requires_grad and not out.normalizer.requires_grad
     assert float(loss.detach()) == pytest.approx(0.5 * float((g**2).mean()), rel=1e-12)
     assert torch.allclose(dmd_gradient(x, real, fake), g)
 
@@ -39,7 +45,7 @@ def test_dmd_loss_gradient_reaches_x_only():
     x, real, fake = _batch()
     for t in (x, real, fake):
         t.requires_grad_()
-    dmd_loss(x, real, fake).backward()
+    dmd_loss(x, real, fake).loss.backward()
     assert x.grad is not None
     assert real.grad is None and fake.grad is None
 
@@ -51,7 +57,7 @@ def test_dmd_loss_nan_normalisation_gives_zero_gradient():
     real[2, 0, 0, 0] = x[2, 0, 0, 0] = 0.0
     fake[2, 0, 0, 0] = float("nan")  # a NaN from the fake denoiser
     x.requires_grad_()
-    loss = dmd_loss(x, real, fake)
+    loss = dmd_loss(x, real, fake).loss
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(x.grad).all()
@@ -65,12 +71,12 @@ def test_dmd_loss_nan_normalisation_gives_zero_gradient():
 def test_dmd_loss_computes_in_at_least_float32():
     x, real, fake = _batch(dtype=torch.float32)
     xb = x.bfloat16().requires_grad_()
-    loss = dmd_loss(xb, real.bfloat16(), fake.bfloat16())
+    loss = dmd_loss(xb, real.bfloat16(), fake.bfloat16()).loss
     assert loss.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = dmd_loss(x, real, fake)
+        inside = dmd_loss(x, real, fake).loss
     assert inside.dtype == torch.float32
-    assert torch.allclose(inside, dmd_loss(x, real, fake))
+    assert torch.allclose(inside, dmd_loss(x, real, fake).loss)
 
 
 def test_dmd_loss_rejects_bad_inputs():

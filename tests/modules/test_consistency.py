@@ -184,7 +184,9 @@ def test_scalings_match_the_formulas_and_diffusers_and_the_boundary_holds_exactl
         unet_out = model.unet((scale * x.double()).float(), 250 * levels.double().log()).sample
     expected = skip * x.double() + c_out * unet_out.double()
     assert expected.abs().max() > 1  # the loud UNet: large outputs, f is not clipped
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.double(), expected, rtol=1e-5, atol=5e-5
+    )  # float32 UNet, outputs > 1
 
 
 def test_precond_refuses_unfit_unets_and_sigmas():
@@ -203,8 +205,16 @@ def test_precond_refuses_unfit_unets_and_sigmas():
         ConsistencyPrecond(two_out)
     with pytest.raises(ValueError, match="sigma_data must be > 0"):
         ConsistencyPrecond(unet_for_images(1, 8, (8, 16)), sigma_data=0.0)
-    with pytest.raises(ValueError, match="sigma must be > 0"):
-        ConsistencyPrecond(unet_for_images(1, 8, (8, 16)))(torch.zeros(1, 1, 8, 8), 0.0)
+    model = ConsistencyPrecond(unet_for_images(1, 8, (8, 16)))
+    for bad in (
+        0.0,
+        float("inf"),
+        torch.zeros(2),
+        torch.tensor([1.0, -1.0]),
+        torch.tensor(math.inf),
+    ):
+        with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+            model(torch.zeros(2, 1, 8, 8), bad)
     with pytest.raises(ValueError, match="has no `unet`"):
         ConsistencyPrecond.from_teacher(FixedX0(torch.zeros(1, 1, 8, 8)))
 
@@ -274,18 +284,21 @@ def test_consistency_loss_matches_a_float64_loop(distance):
     target = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
     c = 0.00054 * math.sqrt(32)
     assert pseudo_huber_c((2, 4, 4)) == pytest.approx(c, rel=1e-15)
-    loss = consistency_loss(pred, target, distance)
+    out = consistency_loss(pred, target, distance)
+    loss = out.loss
     torch.testing.assert_close(loss, _reference(pred, target, distance, c))
+    torch.testing.assert_close(out.mse, (pred - target).detach().square().mean())
+    assert not out.mse.requires_grad
     loss.backward()
     assert target.grad is None and pred.grad is not None  # the target is a constant
     # a given c, B = 1, equal inputs
     torch.testing.assert_close(
-        consistency_loss(pred[:1], target[:1], distance, huber_c=0.5),
+        consistency_loss(pred[:1], target[:1], distance, huber_c=0.5).loss,
         _reference(pred[:1], target[:1], distance, 0.5),
     )
-    assert consistency_loss(pred, pred.detach().clone(), distance) == 0
+    assert consistency_loss(pred, pred.detach().clone(), distance).loss == 0
     # bf16 inputs are computed in float32
-    low = consistency_loss(pred.bfloat16(), target.bfloat16(), distance)
+    low = consistency_loss(pred.bfloat16(), target.bfloat16(), distance).loss
     assert low.dtype == torch.float32
     assert consistency_distance(pred, target, distance).shape == (3,)
 
@@ -296,12 +309,14 @@ def test_pseudo_huber_is_l2_like_far_and_quadratic_near_with_bounded_gradient():
     far[0, 0, 0, 0] = 10.0
     near = far * 1e-4  # ||d|| = 1e-3 << c
     zero = torch.zeros_like(far)
-    assert float(consistency_loss(far, zero, "pseudo_huber", c)) == pytest.approx(10 - c, rel=1e-6)
-    assert float(consistency_loss(near, zero, "pseudo_huber", c)) == pytest.approx(
+    assert float(consistency_loss(far, zero, "pseudo_huber", c).loss) == pytest.approx(
+        10 - c, rel=1e-6
+    )
+    assert float(consistency_loss(near, zero, "pseudo_huber", c).loss) == pytest.approx(
         1e-6 / (2 * c), rel=1e-2
     )
     pred = (100 * torch.randn(4, 1, 8, 8)).requires_grad_()
-    consistency_loss(pred, torch.zeros_like(pred), "pseudo_huber").backward()
+    consistency_loss(pred, torch.zeros_like(pred), "pseudo_huber").loss.backward()
     per_sample = pred.grad.flatten(1).norm(dim=1)
     assert bool((per_sample <= 0.25 + 1e-6).all())  # at most 1 / B per sample
 
@@ -329,7 +344,7 @@ def test_consistency_loss_refuses_bad_input():
 def test_student_starts_as_a_copy_of_the_teacher_unet_and_bad_arguments_raise():
     teacher = tiny_teacher()
     model = cd(teacher, target_decay=0.9)
-    assert isinstance(model.generator, ConsistencyPrecond) and model.fake_denoiser is None
+    assert isinstance(model.generator, ConsistencyPrecond) and not hasattr(model, "fake_denoiser")
     assert_same(state(model.generator.unet), state(teacher.unet))
     teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
     for network in (model.generator, model.target, model.generator_ema):
@@ -392,7 +407,7 @@ def test_target_and_sampling_ema_after_k_updates_equal_their_closed_forms():
     fit(model, RealImages(num=8 * k), callbacks=[recorder])
     thetas = [recorder.start] + recorder.after
     assert len(thetas) == k + 1 and changed(thetas[-1], thetas[0])
-    assert int(model.generator_steps) == k and int(model.fake_steps) == 0
+    assert int(model.generator_steps) == k and model.step_counters() == (0, k)
     assert_same(state(model.teacher), teacher_before)
     for network, decay in ((model.target, mu), (model.generator_ema, beta)):
         for name, value in state(network).items():
@@ -432,9 +447,9 @@ def test_el_changes_only_the_generator_objective(monkeypatch):
     assert first_on["train/loss_generator"] == pytest.approx(expected, rel=1e-6)
     assert "train/loss_el" not in first_off and first_on["train/loss_el"] > 0
     # the gradient norms at the student's outputs, and EL's share
-    assert first_off["train/grad_norm_base"] > 0 and "train/grad_norm_ratio" not in first_off
+    assert first_off["train/grad_norm_base"] > 0 and "train/grad_norm_ratio_el" not in first_off
     ratio = 2.0 * first_on["train/grad_norm_el"] / first_on["train/grad_norm_base"]
-    assert first_on["train/grad_norm_ratio"] == pytest.approx(ratio, rel=1e-5)
+    assert first_on["train/grad_norm_ratio_el"] == pytest.approx(ratio, rel=1e-5)
     assert first_on["train/grad_norm_base"] == pytest.approx(first_off["train/grad_norm_base"])
     assert changed(state(on.generator), state(off.generator))
 
@@ -442,7 +457,7 @@ def test_el_changes_only_the_generator_objective(monkeypatch):
 def test_missing_real_images_raise():
     with pytest.raises(ValueError, match="noisy REAL images"):
         fit(cd(), RealImages(labels_only=True), fast_dev_run=1)
-    with pytest.raises(ValueError, match="needs REAL images"):
+    with pytest.raises(ValueError, match="need REAL images"):
         fit(cd(el_weight=1.0), RealImages(labels_only=True), fast_dev_run=1)
 
 
@@ -461,7 +476,7 @@ def test_fast_dev_run_class_conditional_uses_the_real_labels(monkeypatch):
     fit(model, RealImages(), fast_dev_run=True)
     assert int(model.generator_steps) == 1
     torch.testing.assert_close(seen[0], torch.arange(8) % 4)
-    samples = model.sample(5, labels=torch.tensor([0, 1, 2, 3, 0]))
+    samples = model.sample(5, class_labels=torch.tensor([0, 1, 2, 3, 0]))
     assert samples.shape == (5, 1, 8, 8) and samples.abs().max() <= 1
 
 
@@ -615,14 +630,14 @@ def test_class_conditional_export_with_given_labels(tmp_path):
         generator=torch.Generator().manual_seed(0),
         output_type="pt",
     ).images
-    mine = model.sample(3, labels=labels, generator=torch.Generator().manual_seed(0))
+    mine = model.sample(3, class_labels=labels, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(images * 2 - 1, mine, rtol=0, atol=1e-5)
     other = model.sample(
-        3, labels=torch.tensor([1, 1, 1]), generator=torch.Generator().manual_seed(0)
+        3, class_labels=torch.tensor([1, 1, 1]), generator=torch.Generator().manual_seed(0)
     )
     assert not torch.allclose(other, mine)  # the labels matter
     single = model.sample_multistep(
-        3, [80.0], labels=labels, generator=torch.Generator().manual_seed(0)
+        3, [80.0], class_labels=labels, generator=torch.Generator().manual_seed(0)
     )
     torch.testing.assert_close(single, mine)
 
@@ -707,7 +722,9 @@ def test_cifar10_config_holds_the_paper_settings():
     )
     assert args["generator_optimizer"]["class_path"] == "torch.optim.RAdam"
     assert args["generator_optimizer"]["init_args"]["lr"] == 4e-4
-    assert args["el_weight"] > 0 and args["teacher_path"] == "data/ddpm-cifar10-32"
+    (el,) = args["supplementary_losses"]  # EL composed, not the el_weight shorthand
+    assert el["class_path"].endswith("EmbeddingSupplement") and el["init_args"]["weight"] > 0
+    assert "el_weight" not in args and args["teacher_path"] == "data/ddpm-cifar10-32"
     assert config["trainer"]["precision"] == "bf16-mixed"
     assert 128 <= config["data"]["init_args"]["batch_size"] <= 512
     assert config["data"]["init_args"]["normalize"] == "symmetric"

@@ -141,8 +141,10 @@ def _loss_by_hand(x: Tensor, real: Tensor, fake: Tensor) -> float:
 def test_loss_value_and_gradient_match_the_formula_in_float64():
     x, real, fake = _batch()
     x.requires_grad_()
-    loss = diff_instruct_loss(x, real, fake)
+    out = diff_instruct_loss(x, real, fake)
+    loss = out.loss
     assert loss.dtype == torch.float64 and loss.ndim == 0
+    assert float(out.difference) == pytest.approx(float((fake - real).abs().mean()), rel=1e-12)
     assert float(loss.detach()) == pytest.approx(_loss_by_hand(x.detach(), real, fake), rel=1e-12)
     (grad,) = torch.autograd.grad(loss, x)
     assert torch.equal(grad, (fake - real) / x.shape[0])  # exactly, elementwise
@@ -152,11 +154,11 @@ def test_loss_gradient_reaches_x_only_and_does_not_depend_on_x():
     x, real, fake = _batch()
     for t in (x, real, fake):
         t.requires_grad_()
-    diff_instruct_loss(x, real, fake).backward()
+    diff_instruct_loss(x, real, fake).loss.backward()
     assert real.grad is None and fake.grad is None
     # the gradient is the stop-gradient difference: the same for any other x
     other = (3 * x.detach() + 1).requires_grad_()
-    diff_instruct_loss(other, real, fake).backward()
+    diff_instruct_loss(other, real, fake).loss.backward()
     assert torch.equal(other.grad, x.grad)
 
 
@@ -166,7 +168,7 @@ def test_loss_nan_and_inf_differences_contribute_zero():
     real[1, 1, 2, 3] = float("inf")
     fake[2, 0, 1, 1] = float("-inf")
     x.requires_grad_()
-    loss = diff_instruct_loss(x, real, fake)
+    loss = diff_instruct_loss(x, real, fake).loss
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     bad = torch.zeros_like(x, dtype=torch.bool)
@@ -181,11 +183,11 @@ def test_loss_nan_and_inf_differences_contribute_zero():
 def test_loss_computes_in_float32_under_bf16_autocast():
     x, real, fake = (t.float() for t in _batch())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = diff_instruct_loss(x, real, fake)
+        inside = diff_instruct_loss(x, real, fake).loss
     assert inside.dtype == torch.float32
-    torch.testing.assert_close(inside, diff_instruct_loss(x, real, fake), rtol=0, atol=0)
+    torch.testing.assert_close(inside, diff_instruct_loss(x, real, fake).loss, rtol=0, atol=0)
     xb = x.bfloat16().requires_grad_()
-    loss = diff_instruct_loss(xb, real.bfloat16(), fake.bfloat16())
+    loss = diff_instruct_loss(xb, real.bfloat16(), fake.bfloat16()).loss
     assert loss.dtype == torch.float32
     expected = ((fake.bfloat16().float() - real.bfloat16().float()) * xb.float()).sum() / 3
     torch.testing.assert_close(loss, expected)
@@ -276,7 +278,7 @@ def test_generator_loss_matches_the_formula_on_the_module_noise():
     x = torch.randn(4, 1, 8, 8, requires_grad=True)
     model.seed_noise(5)
     loss, logs = model.base_generator_loss(x, None)
-    assert logs == {}
+    assert set(logs) == {"train/di_difference"} and float(logs["train/di_difference"]) == 0
     (grad,) = torch.autograd.grad(loss, x)
     assert grad.abs().max() == 0  # fake == teacher at the start: no Diff-Instruct gradient yet
 
@@ -339,9 +341,9 @@ def test_el_changes_only_the_generator_objective():
     on.seed_noise(7)
     objective_off = off.generator_objective(x, real)
     objective_on = on.generator_objective(x, real)
-    assert objective_off.el is None and objective_on.el is not None
+    assert objective_off.terms == {} and set(objective_on.terms) == {"el"}
     assert torch.equal(objective_on.base, objective_off.base)
-    el = on.embedding_term(x, real)
+    el = on.supplementary("el")(x, real)
     torch.testing.assert_close(objective_on.loss - objective_off.loss, 2.5 * el)
     (grad_on,) = torch.autograd.grad(objective_on.loss, x)
     (grad_off,) = torch.autograd.grad(objective_off.loss, x)
@@ -384,7 +386,7 @@ def test_bf16_mixed_steps_stay_finite():
     assert (int(model.fake_steps), int(model.generator_steps)) == (3, 3)
     for logs in recorder.metrics:
         for key, value in logs.items():
-            if key == "train/grad_norm_ratio" and logs["train/grad_norm_base"] == 0.0:
+            if key == "train/grad_norm_ratio_el" and logs["train/grad_norm_base"] == 0.0:
                 # Step 0, fake denoiser == teacher: zero DI gradient, the ratio is undefined.
                 assert math.isnan(value)
                 continue
@@ -497,7 +499,8 @@ def test_cifar10_config_has_the_papers_settings():
     assert model["class_path"] == "lightning_losses.modules.DiffInstructDistillation"
     args = model["init_args"]
     assert args["teacher_path"] == "data/ddpm-cifar10-32"
-    assert args["fake_updates_per_generator"] == 1 and args["el_weight"] > 0
+    (el,) = args["supplementary_losses"]  # EL composed, not the el_weight shorthand
+    assert args["fake_updates_per_generator"] == 1 and el["init_args"]["weight"] > 0
     for name in ("generator_optimizer", "fake_optimizer"):
         assert args[name]["class_path"] == "torch.optim.Adam"
         assert args[name]["init_args"]["lr"] == 1e-5

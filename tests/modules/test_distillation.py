@@ -127,11 +127,11 @@ class Recorder(L.Callback):
         self.start = state(pl_module.generator)
         if pl_module.generator_ema is not None:
             self.ema_at_start = state(pl_module.generator_ema)
-        self.counters_at_start = (int(pl_module.fake_steps), int(pl_module.generator_steps))
+        self.counters_at_start = pl_module.step_counters()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.after.append(state(pl_module.generator))
-        self.counters.append((int(pl_module.fake_steps), int(pl_module.generator_steps)))
+        self.counters.append(pl_module.step_counters())
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
@@ -288,14 +288,14 @@ def test_auto_el_weight_holds_the_gradient_ratio():
     real = torch.tanh(torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2)))
     objective = model.generator_objective(x, real)
     (g_base,) = torch.autograd.grad(objective.base, x, retain_graph=True)
-    (g_el,) = torch.autograd.grad(objective.el, x, retain_graph=True)
-    weight = objective.logs["train/el_weight"]
+    (g_el,) = torch.autograd.grad(objective.terms["el"], x, retain_graph=True)
+    weight = objective.logs["train/weight_el"]
     assert not weight.requires_grad
     assert float(weight) == pytest.approx(0.3 * float(g_base.norm() / g_el.norm()), rel=1e-5)
     (g_total,) = torch.autograd.grad(objective.loss, x)
     torch.testing.assert_close(g_total, g_base + weight * g_el)
     assert float((weight * g_el).norm() / g_base.norm()) == pytest.approx(0.3, rel=1e-5)
-    assert float(objective.logs["train/grad_norm_ratio"]) == pytest.approx(0.3, rel=1e-5)
+    assert float(objective.logs["train/grad_norm_ratio_el"]) == pytest.approx(0.3, rel=1e-5)
 
 
 def test_auto_el_weight_in_training_logs_the_held_ratio():
@@ -303,7 +303,7 @@ def test_auto_el_weight_in_training_logs_the_held_ratio():
     model = dmd(fake_updates_per_generator=2, el_weight=0.5, el_weight_mode="auto")
     recorder = Recorder()
     fit(model, TinyImages(num=48), callbacks=[recorder])  # 3 generator steps
-    ratios = [m["train/grad_norm_ratio"] for m in recorder.metrics if "train/el_weight" in m]
+    ratios = [m["train/grad_norm_ratio_el"] for m in recorder.metrics if "train/weight_el" in m]
     assert ratios and all(r == pytest.approx(0.5, rel=1e-4) for r in ratios)
     with pytest.raises(ValueError, match="el_weight_mode"):
         dmd(el_weight=0.5, el_weight_mode="adaptive")
@@ -315,27 +315,27 @@ def test_output_gradient_norms_are_logged_every_n_generator_steps(monkeypatch):
     calls = []
     original = model.output_grad_norms
 
-    def spy(x, objective, weight=None):
+    def spy(x, objective):
         calls.append(int(model.generator_steps))
-        return original(x, objective, weight)
+        return original(x, objective)
 
     monkeypatch.setattr(model, "output_grad_norms", spy)
     recorder = Recorder()
     fit(model, TinyImages(num=40), callbacks=[recorder])  # 5 generator steps
     assert calls == [0, 2, 4]
     logs = recorder.metrics[-1]
-    for key in ("train/grad_norm_base", "train/grad_norm_el", "train/grad_norm_ratio"):
+    for key in ("train/grad_norm_base", "train/grad_norm_el", "train/grad_norm_ratio_el"):
         assert math.isfinite(logs[key]), key
     assert logs["train/grad_norm_el"] > 0
     ratio = 0.5 * logs["train/grad_norm_el"] / logs["train/grad_norm_base"]
-    assert logs["train/grad_norm_ratio"] == pytest.approx(ratio, rel=1e-5)
+    assert logs["train/grad_norm_ratio_el"] == pytest.approx(ratio, rel=1e-5)
 
 
 def test_output_gradient_norms_are_the_gradients_at_x():
     model = dmd(el_weight=1.0)
     x = torch.randn(4, 1, 8, 8, requires_grad=True)
     base, el = (x**2).sum(), 3.0 * x.sum()
-    norms = model.output_grad_norms(x, GeneratorObjective(base + el, base, el, {}))
+    norms = model.output_grad_norms(x, GeneratorObjective(base + el, base, {"el": el}, {}))
     torch.testing.assert_close(norms["train/grad_norm_base"], (2 * x).detach().norm())
     torch.testing.assert_close(
         norms["train/grad_norm_el"], torch.tensor(3.0 * math.sqrt(x.numel()))
@@ -347,7 +347,7 @@ def test_dmd_loss_matches_the_formula_on_the_module_noise():
     model = dmd(el_weight=0.0)
     x = torch.randn(4, 1, 8, 8, requires_grad=True)
     model.seed_noise(5)
-    loss, _ = model.base_generator_loss(x, None)
+    loss, logs = model.base_generator_loss(x, None)
     model.seed_noise(5)
     sigma = model.sample_dm_sigma(4)
     assert bool(((sigma >= model.sigma_table[20]) & (sigma <= model.sigma_table[980])).all())
@@ -357,6 +357,7 @@ def test_dmd_loss_matches_the_formula_on_the_module_noise():
         fake = model.fake_denoiser(noisy, sigma)
     g = (fake - real) / (x.detach() - real).abs().mean(dim=(1, 2, 3), keepdim=True)
     torch.testing.assert_close(loss, 0.5 * (g**2).mean())
+    torch.testing.assert_close(logs["train/dmd_difference"], (fake - real).abs().mean())
     # fake == teacher at the start: no distribution-matching gradient yet
     (grad,) = torch.autograd.grad(loss, x)
     assert grad.abs().max() == 0
@@ -369,7 +370,7 @@ def test_dmd_loss_matches_the_formula_on_the_module_noise():
 def test_missing_real_batch_with_el_raises_and_without_el_runs():
     L.seed_everything(0)
     labels_only = TinyImages(num=16, labels_only=True)
-    with pytest.raises(ValueError, match="needs REAL images"):
+    with pytest.raises(ValueError, match="need REAL images"):
         fit(dmd(el_weight=1.0), labels_only, fast_dev_run=1)
     model = dmd(el_weight=0.0, fake_updates_per_generator=1)
     fit(model, labels_only, fast_dev_run=1)  # the batch gives only the sample count
@@ -401,11 +402,11 @@ def test_fast_dev_run_class_conditional():
     )
     fit(model, TinyImages(num=16), fast_dev_run=True)
     assert (int(model.fake_steps), int(model.generator_steps)) == (1, 1)
-    samples = model.sample(5, labels=torch.tensor([0, 1, 2, 3, 0]))
+    samples = model.sample(5, class_labels=torch.tensor([0, 1, 2, 3, 0]))
     assert samples.shape == (5, 1, 8, 8) and torch.isfinite(samples).all()
     assert model.sample(3).shape == (3, 1, 8, 8)  # uniform labels
     with pytest.raises(ValueError, match="unconditional"):
-        dmd().sample(2, labels=torch.tensor([0, 1]))
+        dmd().sample(2, class_labels=torch.tensor([0, 1]))
 
 
 def test_bf16_mixed_steps_stay_finite():
@@ -418,7 +419,7 @@ def test_bf16_mixed_steps_stay_finite():
     # Logged at generator step 0, where the fake denoiser is still the teacher: the DMD
     # gradient is exactly 0, so the EL / base ratio is undefined (NaN), not a huge number.
     assert metrics.pop("train/grad_norm_base") == 0.0
-    assert math.isnan(metrics.pop("train/grad_norm_ratio"))
+    assert math.isnan(metrics.pop("train/grad_norm_ratio_el"))
     for key, value in metrics.items():
         assert math.isfinite(value), key
     for network in (model.generator, model.fake_denoiser, model.generator_ema):
@@ -551,16 +552,14 @@ def test_the_two_configs_differ_only_in_el_weight():
 class ShrinkToZero(OneStepDistillation):
     """A framework without a fake denoiser (like consistency distillation): loss mean(x^2)."""
 
-    uses_fake_denoiser = False
-
     def base_generator_loss(self, x, labels):
         return x.square().mean(), {"train/mean_square": x.detach().square().mean()}
 
 
 def test_base_class_hooks_for_a_framework_without_fake_denoiser():
     L.seed_everything(0)
-    model = ShrinkToZero(teacher=tiny_teacher(), el_weight=0.5, fake_updates_per_generator=4)
-    assert model.fake_denoiser is None
+    model = ShrinkToZero(teacher=tiny_teacher(), el_weight=0.5)
+    assert not hasattr(model, "fake_denoiser")
     assert isinstance(model.configure_optimizers(), torch.optim.AdamW)  # one optimizer
     recorder = Recorder()
     trainer = fit(model, TinyImages(num=24), callbacks=[recorder])

@@ -1,0 +1,144 @@
+"""Issue 14 (bad inputs): NaN real images, overwritten teachers, bad sigmas, a last batch of 1,
+fractional update ratios, foreign checkpoints, incomplete configs, truncated weight files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_losses.diffusion import EDMPrecond, load_denoiser, unet_for_images
+from lightning_losses.diffusion.checks import check_diffusion_images
+from lightning_losses.modules import (
+    ConsistencyDistillation,
+    DiffInstructDistillation,
+    DiffusionTeacher,
+    DMDDistillation,
+)
+from tests.fakes import quiet_trainer
+
+
+def tiny_teacher() -> EDMPrecond:
+    torch.manual_seed(0)
+    return EDMPrecond(unet_for_images(1, 8, (8, 16))).eval()
+
+
+class Images(L.LightningDataModule):
+    """``num`` images in (-1, 1) (one NaN pixel in image ``nan_at`` when set), with labels."""
+
+    def __init__(self, num: int = 8, batch_size: int = 4, nan_at: int | None = None) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.tanh(torch.randn(num, 1, 8, 8, generator=g))
+        if nan_at is not None:
+            self.images[nan_at, 0, 3, 3] = float("nan")
+        self.labels = torch.arange(num) % 4
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size)
+
+
+# ------------------------------------------------------------------------------------------
+# 1. NaN pixels
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_diffusion_images_refuses_non_finite_pixels_in_one_host_read(bad, monkeypatch):
+    images = torch.zeros(2, 1, 8, 8)
+    reads = []
+    original = Tensor.tolist
+    monkeypatch.setattr(Tensor, "tolist", lambda t: reads.append(1) or original(t))
+    assert check_diffusion_images(images, 1, (8, 8)) is True  # all zeros: inside [0, 1]
+    assert len(reads) == 1
+    images[1, 0, 2, 2] = bad
+    with pytest.raises(ValueError, match=r"finite values in \[-1, 1\]"):
+        check_diffusion_images(images, 1, (8, 8))
+
+
+def test_teacher_and_consistency_refuse_a_batch_with_one_nan_pixel():
+    with pytest.raises(ValueError, match="finite values"):
+        teacher = DiffusionTeacher(in_channels=1, sample_size=8, channels=(8, 16))
+        quiet_trainer(fast_dev_run=1).fit(teacher, Images(nan_at=1))
+    with pytest.raises(ValueError, match="finite values"):
+        model = ConsistencyDistillation(teacher=tiny_teacher())  # no EL
+        quiet_trainer(fast_dev_run=1).fit(model, Images(nan_at=2))
+
+
+# ------------------------------------------------------------------------------------------
+# 6. a last batch of 1 with EL; a fractional update ratio
+
+
+@pytest.mark.parametrize("cls", [DMDDistillation, ConsistencyDistillation])
+def test_el_skips_a_last_batch_of_one_with_a_warning(cls):
+    L.seed_everything(0)
+    kwargs = {"fake_updates_per_generator": 1} if cls is DMDDistillation else {}
+    model = cls(teacher=tiny_teacher(), el_weight=0.1, **kwargs)
+    with pytest.warns(UserWarning, match="1 real image.*at least 2.*skipped"):
+        quiet_trainer(max_epochs=2).fit(model, Images(num=9, batch_size=4))  # 4, 4, 1
+    assert int(model.generator_steps) == 4  # two epochs of two steps, the batches of 1 skipped
+    # without EL a batch of 1 trains
+    model = cls(teacher=tiny_teacher(), **kwargs)
+    quiet_trainer(max_epochs=1).fit(model, Images(num=9, batch_size=4))
+    assert int(model.generator_steps) == 3
+
+
+@pytest.mark.parametrize("value", [1.5, 0, True, "2"])
+def test_fake_updates_per_generator_must_be_a_positive_int(value):
+    for cls in (DMDDistillation, DiffInstructDistillation):
+        with pytest.raises(ValueError, match="fake_updates_per_generator must be an integer"):
+            cls(teacher=tiny_teacher(), fake_updates_per_generator=value)
+
+
+# ------------------------------------------------------------------------------------------
+# 6. a foreign checkpoint, an incomplete teacher config, truncated weights
+
+
+def test_a_distillation_checkpoint_loaded_as_a_teacher_is_a_clear_error(tmp_path):
+    L.seed_everything(0)
+    model = DMDDistillation(teacher=tiny_teacher(), fake_updates_per_generator=1)
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(model, Images())
+    path = tmp_path / "dmd.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match="not a DiffusionTeacher checkpoint.*DMDDistillation"):
+        DiffusionTeacher.load_from_checkpoint(path)
+
+
+@pytest.mark.parametrize("key", ["sigma_data", "sigma_min", "sigma_max", "class_conditional"])
+def test_a_missing_key_in_the_teacher_config_is_named(tmp_path, key):
+    folder = tiny_teacher().save_pretrained(tmp_path / "teacher")
+    config = json.loads((folder / "edm_config.json").read_text())
+    del config[key]
+    (folder / "edm_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"lacks the key.*'{key}'"):
+        load_denoiser(folder)
+
+
+def test_a_truncated_weight_file_is_named(tmp_path):
+    folder = tiny_teacher().save_pretrained(tmp_path / "teacher")
+    (weights,) = (folder / "unet").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"cannot read the UNet in .*unet.*{weights.name}"):
+        load_denoiser(folder)
+    (folder / "edm_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="edm_config.json.*JSON"):
+        load_denoiser(folder)
+
+
+def test_edm_precond_round_trips_and_refuses_to_overwrite(tmp_path):
+    teacher = tiny_teacher()
+    folder = teacher.save_pretrained(tmp_path / "t")
+    loaded = EDMPrecond.from_pretrained(folder)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), teacher.state_dict().values())
+    )
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        teacher.save_pretrained(folder)
+    assert math.isclose(loaded.sigma_max, 80.0)
