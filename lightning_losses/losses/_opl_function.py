@@ -25,20 +25,19 @@ A row with :math:`n_i \\le \\epsilon_n` (a dead, all-zero feature vector) has no
 gradient is 0. (Autograd through ``F.normalize`` gives it :math:`G_i / \\epsilon_n`, about
 :math:`10^{12}` times the other rows' gradients.)
 
-Cost: forward = one read of the features for the norms and one for the class sums (a sparse
-(C x B) @ (B x D) product, so the normalised features are never stored); backward = one gather
-of :math:`T_c` into the gradient buffer, one row-wise dot and one in-place update. A backward
+Cost: forward = one pass over the features for the norms and the class sums; backward = one
+pass that gathers :math:`T_c` into the gradient, takes the row dots and updates it in place. On
+the CPU both go chunk by chunk of rows through cache-sized buffers, so the normalised features
+are never stored. A backward
 with ``create_graph=True`` (double backward: gradient penalties, meta-learning) recomputes the
 sums through autograd instead, so second derivatives are exact too. Memory: the
 gradient (B x D) and C x D class sums; bf16 / fp16 inputs add one float32 copy during each pass.
 On the CPU the backward's time is mostly the first write of the fresh gradient buffer (page
-faults), as the normalised copy is for a plain ``F.normalize``; fusing the passes chunk by
-chunk in cache measured no faster (benchmarks/opl.py has the ratios).
+faults), as the normalised copy's is for a plain ``F.normalize`` (benchmarks/opl.py has the
+ratios).
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import Tensor
@@ -47,40 +46,67 @@ from torch.autograd.function import FunctionCtx
 NORM_EPS = 1e-12  # F.normalize's default: rows below it are divided by it, not by their norm
 
 
-def weighted_class_sums(
-    features: Tensor,
-    weights: Tensor,
-    inverse: Tensor,
-    counts: Tensor,
-    sparse: bool | None = None,
-) -> Tensor:
-    """``out[c] = sum over rows i of class c of weights[i] * features[i]``, shape (C, D).
+CHUNK_ELEMENTS = 2**18  # rows per chunk on the CPU: about 1 MiB of float32 per buffer
 
-    ``sparse`` (default: on CPU and CUDA) uses a sparse CSR (C x B) @ (B x D) product, which
-    reads the features once and writes no B x D temporary; otherwise ``index_add_`` of the
-    scaled rows (one B x D temporary).
+
+def chunk_rows(features: Tensor) -> int:
+    """Rows per chunk: a cache-sized block on the CPU, the whole batch elsewhere (where a
+    Python loop would cost one kernel launch per op and chunk)."""
+    batch, dim = features.shape
+    if features.device.type != "cpu":
+        return max(batch, 1)
+    return max(1, min(batch, CHUNK_ELEMENTS // max(dim, 1)))
+
+
+def norms_and_class_sums(f: Tensor, inverse: Tensor, num: int) -> tuple[Tensor, Tensor]:
+    """Row norms (B,) and class sums of the normalised rows ``S`` (C, D) in one pass over ``f``.
+
+    Chunk by chunk of rows: the norms, the normalised rows into one reused buffer (still in
+    cache), ``index_add_`` into the class sums. No sort and no B x D temporary on the CPU.
     """
-    num = counts.shape[0]
-    if sparse is None:
-        sparse = features.device.type in ("cpu", "cuda")
-    if sparse:
-        order = torch.argsort(inverse, stable=True)
-        crow = torch.zeros(num + 1, dtype=torch.int64, device=features.device)
-        torch.cumsum(counts, dim=0, out=crow[1:])
-        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-            warnings.simplefilter("ignore", UserWarning)
-            matrix = torch.sparse_csr_tensor(
-                crow,
-                order,
-                weights[order],
-                (num, features.shape[0]),
-                dtype=features.dtype,
-                device=features.device,
-                check_invariants=False,
-            )
-            return torch.sparse.mm(matrix, features)
-    out = features.new_zeros(num, features.shape[1])
-    return out.index_add_(0, inverse, features * weights[:, None])
+    batch, dim = f.shape
+    rows = chunk_rows(f)
+    norms = f.new_empty(batch)
+    class_sums = f.new_zeros(num, dim)
+    buffer = f.new_empty(rows, dim)
+    for start in range(0, batch, rows):
+        stop = min(batch, start + rows)
+        part, scaled = f[start:stop], buffer[: stop - start]
+        torch.linalg.vector_norm(part, dim=1, out=norms[start:stop])
+        torch.mul(part, norms[start:stop, None].clamp_min(NORM_EPS).reciprocal_(), out=scaled)
+        class_sums.index_add_(0, inverse[start:stop], scaled)
+    return norms, class_sums
+
+
+def gradient(
+    f: Tensor, inverse: Tensor, table: Tensor, a: Tensor, c: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """``grad_i = a_i T_{y_i} + c_i (f_i . T_{y_i}) f_i`` in one pass over ``f``, written straight
+    into the (B, D) result of ``dtype``; chunk by chunk of rows: gather ``T`` into the result,
+    the row dots through one reused buffer, the in-place update while the chunk is in cache."""
+    batch, dim = f.shape
+    rows = chunk_rows(f)
+    same = dtype == f.dtype
+    grad = torch.empty((batch, dim), dtype=f.dtype if same else dtype, device=f.device)
+    work = grad if same else f.new_empty(rows, dim)
+    buffer = f.new_empty(rows, dim) if f.device.type == "cpu" else None
+    dots = f.new_empty(rows)
+    for start in range(0, batch, rows):
+        stop = min(batch, start + rows)
+        n = stop - start
+        part = f[start:stop]
+        out = work[start:stop] if same else work[:n]
+        torch.index_select(table, 0, inverse[start:stop], out=out)
+        if buffer is not None:
+            torch.mul(part, out, out=buffer[:n])
+            torch.sum(buffer[:n], dim=1, out=dots[:n])
+        else:
+            dots[:n] = torch.linalg.vecdot(part, out, dim=1)
+        dots[:n].mul_(c[start:stop])
+        out.mul_(a[start:stop, None]).addcmul_(part, dots[:n, None])
+        if not same:
+            grad[start:stop] = out
+    return grad
 
 
 def differentiable_pair_sums(f: Tensor, inverse: Tensor, multi: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,27 +124,6 @@ def differentiable_pair_sums(f: Tensor, inverse: Tensor, multi: Tensor) -> tuple
     return pos_sum, (total * total).sum() - class_sum_sq.sum()
 
 
-def row_dots(a: Tensor, b: Tensor, chunk_elements: int = 2**16) -> Tensor:
-    """``(a * b).sum(dim=1)`` for (B, D) tensors without a B x D temporary.
-
-    On the CPU the product goes through one cache-sized buffer, chunk by chunk of rows (as fast
-    as a single reduction pass, where ``bmm`` of B 1 x D by D x 1 products is 4x slower);
-    elsewhere ``torch.linalg.vecdot``.
-    """
-    if a.device.type != "cpu":
-        return torch.linalg.vecdot(a, b, dim=1)
-    batch, dim = a.shape
-    rows = max(1, chunk_elements // max(dim, 1))
-    out = a.new_empty(batch)
-    buffer = a.new_empty(min(rows, batch), dim)
-    for start in range(0, batch, rows):
-        stop = min(batch, start + rows)
-        part = buffer[: stop - start]
-        torch.mul(a[start:stop], b[start:stop], out=part)
-        torch.sum(part, dim=1, out=out[start:stop])
-    return out
-
-
 class ClassPairSums(torch.autograd.Function):
     """``(P, N, sum of row norms)`` of the module docstring from raw features.
 
@@ -133,10 +138,9 @@ class ClassPairSums(torch.autograd.Function):
         ctx: FunctionCtx, features: Tensor, inverse: Tensor, counts: Tensor, dtype: torch.dtype
     ) -> tuple[Tensor, Tensor, Tensor]:
         f = features.to(dtype)
-        norms = torch.linalg.vector_norm(f, dim=1)
+        norms, class_sums = norms_and_class_sums(f, inverse, counts.shape[0])
         weights = 1.0 / norms.clamp_min(NORM_EPS)
         sq = (norms * weights) ** 2  # q_i: exactly 1 for a row above NORM_EPS
-        class_sums = weighted_class_sums(f, weights, inverse, counts)
         multi = counts > 1
         class_sq = torch.zeros_like(class_sums[:, 0]).index_add_(0, inverse, sq)
         class_sum_sq = (class_sums * class_sums).sum(dim=1)
@@ -166,13 +170,10 @@ class ClassPairSums(torch.autograd.Function):
         u = grad_pos * multi.to(class_sums.dtype)  # (C,)
         v = grad_neg
         table = class_sums * (u - v)[:, None] + v * total  # T_c, (C, D)
-        grad = table.index_select(0, inverse)  # the only B x D buffer
-        dots = row_dots(f, grad)  # f_i . T_c
         live = (norms > NORM_EPS).to(f.dtype)
         a = 2.0 * weights * live
-        b = -2.0 * weights * weights * (weights * dots) * live
-        grad.mul_(a[:, None]).addcmul_(f, b[:, None])
-        return grad.to(features.dtype), None, None, None
+        c = -2.0 * weights * weights * weights * live
+        return gradient(f, inverse, table, a, c, features.dtype), None, None, None
 
 
 def class_pair_sums(

@@ -12,6 +12,7 @@ from fakes import clustered_features
 
 from lightning_losses.losses import (
     OrthogonalProjectionLoss,
+    _opl_function,
     all_gather_rows,
     orthogonal_projection_loss,
     pair_sums,
@@ -20,8 +21,7 @@ from lightning_losses.losses._opl_function import (
     NORM_EPS,
     ClassPairSums,
     class_pair_sums,
-    row_dots,
-    weighted_class_sums,
+    norms_and_class_sums,
 )
 
 MODES = ["none", "mean", "pair"]
@@ -262,24 +262,40 @@ def test_loss_gradcheck_all_outputs(abs_mode, name):
     )
 
 
-@pytest.mark.parametrize("sparse", [True, False])
-def test_weighted_class_sums_both_paths(sparse):
+@pytest.mark.parametrize("chunk", [1, 7, 64, 2**18])
+def test_norms_and_class_sums_any_chunk(chunk, monkeypatch):
+    monkeypatch.setattr(_opl_function, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(23)
     x = torch.randn(30, 6, generator=g, dtype=torch.float64)
-    w = torch.rand(30, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 4, (30,), generator=g)
-    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    got = weighted_class_sums(x, w, inverse, counts, sparse=sparse)
-    want = torch.stack([(x * w[:, None])[labels == c].sum(0) for c in labels.unique()])
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    _, inverse, _ = torch.unique(labels, return_inverse=True, return_counts=True)
+    norms, sums = norms_and_class_sums(x, inverse, int(inverse.max()) + 1)
+    z = torch.nn.functional.normalize(x, dim=1)
+    want = torch.stack([z[labels == c].sum(0) for c in labels.unique()])
+    torch.testing.assert_close(norms, x.norm(dim=1), rtol=0, atol=1e-14)
+    torch.testing.assert_close(sums, want, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 2**16])
-def test_row_dots_chunks(chunk):
-    g = torch.Generator().manual_seed(24)
-    a = torch.randn(37, 9, generator=g, dtype=torch.float64)
-    b = torch.randn(37, 9, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(row_dots(a, b, chunk), (a * b).sum(1), rtol=0, atol=1e-14)
+@pytest.mark.parametrize("chunk", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_passes_equal_autograd_path(chunk, dtype, monkeypatch):
+    # Chunks of 1 row, of rows that do not divide B, and of several rows.
+    monkeypatch.setattr(_opl_function, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(25)
+    features = torch.randn(23, 5, generator=g, dtype=torch.float64).to(dtype)
+    features[4] = 0.0
+    labels = torch.randint(0, 4, (23,), generator=g)
+    keep = torch.arange(23) != 4
+    a = features.clone().requires_grad_()
+    b = features.clone().requires_grad_()
+    out = orthogonal_projection_loss(a, labels)
+    ref = autograd_opl(b, labels)
+    (out.loss - out.neg_mean).backward()
+    (ref[0] - ref[2]).backward()
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.loss, ref[0], rtol=0, atol=atol)
+    torch.testing.assert_close(a.grad[keep], b.grad[keep], rtol=1e-2, atol=atol)
+    assert torch.count_nonzero(a.grad[4]) == 0
 
 
 def _compare_with_autograd(features, labels, abs_mode, atol, rtol=0.0):
