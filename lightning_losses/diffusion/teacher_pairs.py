@@ -11,13 +11,18 @@ made once before training (EDM's Heun sampler, 18 levels by default, as DMD1's E
 pairs are a pure function of the teacher, the seed and the sampler settings: the noise (then the
 class labels) is drawn from ONE ``torch.Generator`` seeded with ``seed``, for all pairs at once,
 so the batch size used to run the teacher does not change them. They are saved with safetensors
-(no pickle), with the settings as metadata.
+(no pickle), with the settings as metadata. From the shell::
+
+    python -m lightning_losses.diffusion.teacher_pairs \\
+        --teacher lightning_losses/assets/digits_teacher --num-pairs 1000 --out pairs.safetensors
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,7 +32,13 @@ from torch import Tensor
 from lightning_losses.checks import check_int, check_positive_int
 from lightning_losses.diffusion.samplers import DenoiserFn, edm_heun_sampler
 
-__all__ = ["TeacherPairs", "load_teacher_pairs", "make_teacher_pairs", "save_teacher_pairs"]
+__all__ = [
+    "TeacherPairs",
+    "load_teacher_pairs",
+    "main",
+    "make_teacher_pairs",
+    "save_teacher_pairs",
+]
 
 
 class TeacherPairs(NamedTuple):
@@ -148,8 +159,8 @@ def load_teacher_pairs(path: str | os.PathLike[str]) -> TeacherPairs:
     if not source.is_file():
         raise FileNotFoundError(
             f"no teacher pairs at {str(source)!r}; make them once with "
-            "save_teacher_pairs(make_teacher_pairs(teacher, num_pairs), path) "
-            "(lightning_losses.diffusion.teacher_pairs)"
+            "`python -m lightning_losses.diffusion.teacher_pairs --teacher <folder> --out "
+            f"{str(source)!r}` (or save_teacher_pairs(make_teacher_pairs(teacher, n), path))"
         )
     try:
         with safe_open(str(source), framework="pt") as handle:
@@ -173,3 +184,41 @@ def load_teacher_pairs(path: str | os.PathLike[str]) -> TeacherPairs:
     if labels is not None and labels.shape != (noise.shape[0],):
         raise ValueError(f"{str(source)!r}: class_labels must have shape ({noise.shape[0]},)")
     return TeacherPairs(noise, images, labels, int(metadata["seed"]), int(metadata["num_steps"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lightning_losses.diffusion.teacher_pairs``: make and save the pairs."""
+    from lightning_losses.diffusion.loading import load_denoiser
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_losses.diffusion.teacher_pairs",
+        description="Teacher noise -> Heun-sample pairs for DMD's regression loss (safetensors).",
+    )
+    parser.add_argument("--teacher", required=True, help="a local teacher folder")
+    parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    parser.add_argument("--num-pairs", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-steps", type=int, default=18)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        teacher = load_denoiser(args.teacher)
+        pairs = make_teacher_pairs(
+            teacher,
+            args.num_pairs,
+            seed=args.seed,
+            num_steps=args.num_steps,
+            batch_size=args.batch_size,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    path = save_teacher_pairs(pairs, args.out)
+    print(f"wrote {len(pairs)} pairs ({args.num_steps} Heun levels, seed {args.seed}) to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -107,3 +107,27 @@ def test_bad_arguments_and_files_raise_naming_them(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-20])
     with pytest.raises(ValueError, match="pairs.safetensors"):
         load_teacher_pairs(path)
+
+
+def test_the_command_writes_pairs_of_the_committed_teacher_and_fails_clearly(
+    tmp_path: Path, repo_root: Path
+) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "pairs.safetensors"
+    command = [sys.executable, "-m", "lightning_losses.diffusion.teacher_pairs"]
+    teacher = repo_root / "lightning_losses/assets/digits_teacher"
+    args = ["--teacher", str(teacher), "--out", str(out), "--num-pairs", "3", "--num-steps", "2"]
+    done = subprocess.run(command + args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 3 pairs" in done.stdout
+    pairs = load_teacher_pairs(out)
+    assert pairs.images.shape == (3, 1, 8, 8) and pairs.num_steps == 2
+    bad = subprocess.run(
+        command + ["--teacher", str(tmp_path / "none"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "no denoiser folder" in bad.stderr
