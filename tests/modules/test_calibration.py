@@ -27,6 +27,7 @@ from lightning_losses import metrics
 from lightning_losses.callbacks import CalibrationCallback
 from lightning_losses.cli import LossesCLI, main
 from lightning_losses.datamodules import CalibrationDataModule, DigitsDataModule
+from lightning_losses.losses.calibration import correctness_aware_loss
 from lightning_losses.modules import OPLClassifier, PostHocCalibration
 from lightning_losses.nets import (
     CorrectnessAwareCalibrator,
@@ -819,3 +820,21 @@ def test_a_classifier_that_outputs_probabilities_is_refused_at_fit(net):
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
     with pytest.raises(ValueError, match="allow_probabilities=True"):
         trainer.fit(module, _data(views=False, shifts=None))
+
+
+def test_split_weighting_takes_the_calibration_split_accuracy(net):
+    data = _data(shifts=None)
+    module = PostHocCalibration(
+        CorrectnessAwareCalibrator(3), 10, classifier=ScaledLogits(net, 4.0), weighting="split"
+    )
+    L.Trainer(max_epochs=1, accelerator="cpu", **QUIET).fit(module, data)
+    cached = data.cached["train"]
+    accuracy = (cached.logits.argmax(1) == cached.labels).double().mean().item()
+    assert module.split_accuracy == pytest.approx(accuracy, abs=1e-12)
+    batch = next(iter(data.train_dataloader()))
+    calibrated = module.calibrator(batch["logits"], features=batch["features"])
+    got = module._objective(calibrated, batch["labels"]).loss
+    want = correctness_aware_loss(calibrated, batch["labels"], "split", accuracy).loss
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="weighting applies to loss='ca' only"):
+        PostHocCalibration(TemperatureScaling(), 10, classifier=net, loss="ce", weighting="split")
