@@ -18,14 +18,22 @@ per-sample terms :math:`V(B) = b / B`; a loss whose noise does not average out o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_losses.checks import check_int
+from lightning_losses.checks import check_int, check_positive_int
 
-__all__ = ["VarianceFloor", "fit_variance_floor", "gradient_variance"]
+__all__ = [
+    "GradientVarianceCallback",
+    "VarianceFloor",
+    "fit_variance_floor",
+    "generator_gradient_variance",
+    "gradient_variance",
+]
 
 LossFn = Callable[[int], Mapping[str, Tensor] | Tensor]
 
@@ -112,3 +120,183 @@ def fit_variance_floor(batch_sizes: Sequence[int], variances: Sequence[float]) -
     solution = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1)
     residual = (design @ solution - y).square().mean().sqrt()
     return VarianceFloor(float(solution[0]), float(solution[1]), float(residual))
+
+
+def generator_gradient_variance(
+    module: Any,
+    real_images: Tensor,
+    batch_sizes: Sequence[int] = (16, 64, 256),
+    num_batches: int = 8,
+    real_labels: Tensor | None = None,
+    seed: int = 0,
+) -> dict[str, dict[int, float]]:
+    """:math:`V(B)` of a distillation module's generator objectives at its current weights.
+
+    For every batch size B, ``num_batches`` independent draws of B noises (and B real images
+    from ``real_images``, without replacement) give the gradients with respect to the
+    generator's parameters of the base loss (``"base"``) and of base + each supplementary term
+    at its weight (``"base+<name>"``; an automatic weight as the step would compute it). The
+    module's own noise stream is saved and restored, so training continues exactly as
+    without the diagnostic; no optimizer is stepped.
+
+    Args:
+        module: a :class:`~lightning_losses.modules.distillation.OneStepDistillation`.
+        real_images: ``(N, C, H, W)`` real images in [-1, 1], ``N >= max(batch_sizes)``.
+        batch_sizes: the Bs to measure (>= 2 distinct for :func:`fit_variance_floor`).
+        num_batches: K >= 2 draws per B.
+        real_labels: ``(N,)`` labels of the real images, for class-conditional terms.
+        seed: seeds the draws (noise and the choice of real images).
+
+    Returns:
+        ``{objective: {B: V(B)}}``.
+
+    Raises:
+        ValueError: for fewer real images than the largest batch, or bad sizes.
+    """
+    from lightning_losses.diffusion import trusted_sigmas
+
+    sizes = [check_positive_int(b, "batch_sizes[i]") for b in batch_sizes]
+    if not sizes:
+        raise ValueError("batch_sizes must hold at least one size")
+    if real_images.ndim != 4 or real_images.shape[0] < max(sizes):
+        raise ValueError(
+            f"real_images must be (N, C, H, W) with N >= max(batch_sizes) = {max(sizes)}, got "
+            f"{tuple(real_images.shape)}"
+        )
+    saved_rng, was_training = module._rng, module.training
+    picker = torch.Generator().manual_seed(int(seed))
+    results: dict[str, dict[int, float]] = {}
+    try:
+        module.seed_noise(int(seed))
+        module.train()
+        params = list(module.generator.parameters())
+        for size in sizes:
+
+            def loss_fn(k: int, size: int = size) -> dict[str, Tensor]:
+                index = torch.randperm(real_images.shape[0], generator=picker)[:size]
+                real = real_images[index].to(module.device)
+                labels = None if real_labels is None else real_labels[index].to(module.device)
+                z = module.randn(size, *module.image_shape)
+                class_labels = module.sample_labels(size)
+                with trusted_sigmas():
+                    x = module.generate(z, class_labels)
+                    objective = module.generator_objective(x, real, class_labels, labels)
+                losses = {"base": objective.base}
+                for term in module.supplementary_losses:
+                    weight = objective.logs.get(f"train/weight_{term.name}", term.weight)
+                    losses[f"base+{term.name}"] = (
+                        objective.base + weight * objective.terms[term.name]
+                    )
+                return losses
+
+            for name, value in gradient_variance(loss_fn, params, num_batches).items():
+                results.setdefault(name, {})[size] = value
+    finally:
+        module._rng = saved_rng
+        module.train(was_training)
+        module.zero_grad(set_to_none=True)
+    return results
+
+
+class GradientVarianceCallback(L.Callback):
+    """Measure :func:`generator_gradient_variance` at the end of training (and every
+    ``every_n_generator_steps`` if set), fit :math:`a + b / B` per objective, log and keep it.
+
+    Logged (to the trainer's loggers) as ``diag/grad_var_<objective>_B<B>`` and
+    ``diag/grad_var_floor_<objective>``; every measurement is appended to ``self.history`` as
+    ``{"step", "variances", "floors"}``. Real images come from the training data loader (the
+    first batches, up to ``num_real`` images).
+
+    Args:
+        batch_sizes: the Bs (at least two distinct ones).
+        num_batches: K draws per B.
+        num_real: how many real images to draw the real batches from (>= max(batch_sizes)).
+        every_n_generator_steps: also measure during training; None: only at the end.
+        seed: seeds the draws.
+    """
+
+    def __init__(
+        self,
+        batch_sizes: Sequence[int] = (16, 64, 256),
+        num_batches: int = 8,
+        num_real: int = 512,
+        every_n_generator_steps: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.batch_sizes = [check_positive_int(b, "batch_sizes[i]") for b in batch_sizes]
+        if len(set(self.batch_sizes)) < 2:
+            raise ValueError(f"batch_sizes needs two distinct sizes, got {list(batch_sizes)}")
+        self.num_batches = check_int(num_batches, "num_batches", minimum=2)
+        self.num_real = check_int(num_real, "num_real", minimum=max(self.batch_sizes))
+        self.every = None
+        if every_n_generator_steps is not None:
+            self.every = check_positive_int(every_n_generator_steps, "every_n_generator_steps")
+        self.seed = check_int(seed, "seed")
+        self.history: list[dict[str, Any]] = []
+        self._real: tuple[Tensor, Tensor | None] | None = None
+        self._last_step = -1
+
+    def _real_pool(self, trainer: L.Trainer) -> tuple[Tensor, Tensor | None]:
+        if self._real is None:
+            from lightning_losses.diffusion import split_real_batch
+
+            images, labels = [], []
+            for batch in trainer.train_dataloader:
+                real = split_real_batch(batch)
+                if real.images is None:
+                    raise ValueError("GradientVarianceCallback needs real images in the batches")
+                images.append(real.images)
+                labels.append(real.labels)
+                if sum(len(i) for i in images) >= self.num_real:
+                    break
+            pool = torch.cat(images)[: self.num_real]
+            if pool.shape[0] < max(self.batch_sizes):
+                raise ValueError(
+                    f"the training data holds {pool.shape[0]} images, fewer than the largest "
+                    f"batch size {max(self.batch_sizes)}"
+                )
+            pool_labels = None
+            if all(label is not None for label in labels):
+                pool_labels = torch.cat(labels)[: self.num_real]
+            self._real = (pool, pool_labels)
+        return self._real
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Measure now; returns (and appends to ``history``) the record."""
+        images, labels = self._real_pool(trainer)
+        variances = generator_gradient_variance(
+            pl_module, images, self.batch_sizes, self.num_batches, labels, self.seed
+        )
+        floors = {
+            name: fit_variance_floor(list(by_size), list(by_size.values()))
+            for name, by_size in variances.items()
+        }
+        step = int(getattr(pl_module, "generator_steps", trainer.global_step))
+        record = {"step": step, "variances": variances, "floors": floors}
+        self.history.append(record)
+        metrics = {
+            f"diag/grad_var_{name}_B{size}": value
+            for name, by_size in variances.items()
+            for size, value in by_size.items()
+        }
+        metrics.update({f"diag/grad_var_floor_{n}": f.floor for n, f in floors.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        summary = ", ".join(f"{n}: a={f.floor:.4g}, b={f.slope:.4g}" for n, f in floors.items())
+        rank_zero_info(f"gradient variance at generator step {step}: {summary}")
+        return record
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        step = int(getattr(pl_module, "generator_steps", trainer.global_step))
+        if self.every and step > 0 and step % self.every == 0 and step != self._last_step:
+            self._last_step = step
+            self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = int(getattr(pl_module, "generator_steps", trainer.global_step))
+        if step != self._last_step:
+            self._last_step = step
+            self.measure(trainer, pl_module)

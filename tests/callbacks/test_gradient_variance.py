@@ -75,3 +75,61 @@ def test_fit_recovers_exact_points_and_rejects_bad_input() -> None:
         gradient_variance(lambda k: w.sum(), [torch.ones(2)], num_batches=2)
     with pytest.raises(ValueError, match="non-finite"):
         gradient_variance(lambda k: (w * float("inf")).sum(), [w], num_batches=2)
+
+
+def _tiny_dmd(el_weight: float = 0.3):
+    from lightning_losses.diffusion import EDMPrecond, unet_for_images
+    from lightning_losses.modules import DMDDistillation
+
+    torch.manual_seed(0)
+    teacher = EDMPrecond(unet_for_images(1, 8, (8, 16))).eval()
+    return DMDDistillation(teacher=teacher, fake_updates_per_generator=1, el_weight=el_weight)
+
+
+def _real(n: int = 24) -> torch.Tensor:
+    return torch.tanh(torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
+
+
+def test_module_diagnostic_measures_base_and_each_term_and_leaves_training_unchanged() -> None:
+    from lightning_losses.callbacks.gradient_variance import generator_gradient_variance
+
+    measured, plain = _tiny_dmd(), _tiny_dmd()
+    batch = _real(6)
+    for model in (measured, plain):
+        model.seed_noise(5)
+        for _ in range(2):  # DMD's gradient is 0 until the fake denoiser leaves the teacher
+            model.train_step(batch)
+    out = generator_gradient_variance(measured, _real(), (4, 8), num_batches=3)
+    assert set(out) == {"base", "base+el"} and set(out["base"]) == {4, 8}
+    assert all(v > 0 for by_size in out.values() for v in by_size.values())
+    assert out["base+el"] != out["base"]
+    again = generator_gradient_variance(measured, _real(), (4, 8), num_batches=3)
+    assert again == out  # seeded
+    assert all(p.grad is None for p in measured.parameters())
+    for _ in range(2):
+        a, b = measured.train_step(batch), plain.train_step(batch)
+        assert {k: float(v) for k, v in a.items()} == {k: float(v) for k, v in b.items()}
+    with pytest.raises(ValueError, match="max\\(batch_sizes\\) = 32"):
+        generator_gradient_variance(measured, _real(), (4, 32))
+
+
+def test_callback_measures_at_the_end_of_fit_and_logs_floors(tmp_path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    from lightning_losses.callbacks.gradient_variance import GradientVarianceCallback
+    from tests.fakes import quiet_trainer
+
+    callback = GradientVarianceCallback(batch_sizes=(2, 4), num_batches=2, num_real=8)
+    logger = CSVLogger(tmp_path)
+    trainer = quiet_trainer(max_steps=2, callbacks=[callback], logger=logger)
+    trainer.fit(_tiny_dmd(), DataLoader(_real(8), batch_size=4))
+    assert len(callback.history) == 1
+    record = callback.history[0]
+    assert set(record["floors"]) == {"base", "base+el"}
+    logged = (tmp_path / "lightning_logs/version_0/metrics.csv").read_text()
+    assert "diag/grad_var_floor_base+el" in logged and "diag/grad_var_base_B4" in logged
+    with pytest.raises(ValueError, match="two distinct"):
+        GradientVarianceCallback(batch_sizes=(4, 4))
+    with pytest.raises(ValueError, match="num_real"):
+        GradientVarianceCallback(batch_sizes=(4, 64), num_real=8)
