@@ -58,6 +58,7 @@ def distill(
     el_weight: float | None = None,
     model_overrides: dict[str, Any] | None = None,
     fid_samples: int = 2000,
+    data_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one digits distillation config; return digits-FID history, time and the module.
 
@@ -71,6 +72,7 @@ def distill(
         el_weight: override the config's EL weight (only with ``el=True``).
         model_overrides: more ``model.init_args`` overrides.
         fid_samples: generated samples per FID evaluation.
+        data_overrides: ``data.init_args`` overrides (e.g. ``batch_size``).
 
     Returns:
         ``{"history": [(step, fid), ...], "fid": last fid, "seconds": fit time, "model": module}``.
@@ -87,6 +89,7 @@ def distill(
             raise ValueError("el_weight is an override of the EL configs: pass el=True")
         model_args["el_weight"] = el_weight
     model_args.update(model_overrides or {})
+    config["data"]["init_args"].update(data_overrides or {})
     config["seed_everything"] = seed
     config["trainer"].update(
         max_steps=global_steps(model_args, config["model"]["class_path"], generator_steps),
