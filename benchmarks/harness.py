@@ -173,3 +173,28 @@ def publish(title: str, body: str, path: Path = RESULTS, command: list[str] | No
     print(text)
     replace_section(path, text)
     return text
+
+
+def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences and its two-sided Student-t interval ``(mean, low, high)``
+    (scipy's t quantile; scikit-learn, which the digits data needs, brings scipy)."""
+    import math
+    import statistics
+
+    from scipy.stats import t
+
+    n = len(diffs)
+    if n < 2:
+        raise ValueError(f"a t-interval needs at least 2 paired differences, got {n}")
+    mean = statistics.fmean(diffs)
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float, lower_is_better: bool = False) -> str:
+    """``"helps"`` / ``"hurts"`` when the interval of (variant - reference) excludes 0, else
+    ``"no detectable difference"``; ``lower_is_better`` for metrics such as FID or ECE."""
+    if low > 0 or high < 0:
+        better = (high < 0) == lower_is_better
+        return "helps" if better else "hurts"
+    return "no detectable difference"

@@ -55,3 +55,17 @@ def test_peak_rss_sees_an_allocation_and_child_rss():
         [sys.executable, "-c", "b = bytearray(80 * 2**20); b[::4096] = b'1' * len(b[::4096])"]
     )
     assert rc == 0 and 80 * 2**20 <= rss < 400 * 2**20
+
+
+def test_paired_interval_and_verdict():
+    mean, low, high = harness.paired_interval([1.0, 2.0, 3.0])
+    # mean 2, sd 1, t(0.975, 2) = 4.302653: half width 4.302653 / sqrt(3)
+    assert mean == pytest.approx(2.0)
+    assert high - mean == pytest.approx(4.302653 / 3**0.5, rel=1e-6)
+    assert low == pytest.approx(2 * mean - high)
+    assert harness.verdict(0.1, 0.5) == "helps"
+    assert harness.verdict(0.1, 0.5, lower_is_better=True) == "hurts"
+    assert harness.verdict(-0.5, -0.1, lower_is_better=True) == "helps"
+    assert harness.verdict(-0.1, 0.1) == "no detectable difference"
+    with pytest.raises(ValueError, match="at least 2"):
+        harness.paired_interval([1.0])
