@@ -92,3 +92,7 @@ def test_tables_report_three_selections_and_both_pairs():
     assert "| CE+OPL − CE | last epoch | +2.0, -2.0, -2.0 |" in text
     assert "no detectable difference" in text
     assert "CPU-minutes" in opl_noise.protocol(runs)
+    words = opl_noise.reading(runs)
+    assert "- TL+OPL − TL, symmetric: +5.00 [+5.00, +5.00], helps (paper, CIFAR-10: +0.83)" in words
+    assert "TL+OPL − TL, symmetric, last epoch: +5.00 [+5.00, +5.00] (helps)" in words
+    assert "symmetric: CE 50%, CE+OPL 50%, TL 50%, TL+OPL 50%." in words
