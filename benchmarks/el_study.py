@@ -15,10 +15,27 @@ reached" when it never does). A plot of FID against generator steps goes to
     python benchmarks/el_study.py                      # main table (< 1 h on 2 CPU cores)
     python benchmarks/el_study.py --quick              # a smoke run in minutes
     python benchmarks/el_study.py --ablation           # EL's own knobs, on DMD
+    python benchmarks/el_study.py --part supplements   # none / regression / GAN / EL, DMD + DI
+    python benchmarks/el_study.py --part batch         # DMD at B = 16, 64, 256, with / without EL
+    python benchmarks/el_study.py --part equal-share   # EL's knobs at one gradient share
+    python benchmarks/el_study.py --part di-auto       # Diff-Instruct with EL's automatic weight
+    python benchmarks/el_study.py --part variance      # the generator's gradient-variance floor
 
 The ablation varies EL's weight (x1/4, x4), the kernel (linear), the number of random networks
 (1, 8) and the automatic weight (``el_weight_mode="auto"``: EL's gradient at the generator's
-output held at a fraction of the base loss's) on DMD, over the same seeds.
+output held at a fraction of the base loss's) on DMD, over the same seeds. EL sums its MMD over
+the feature maps of all networks, so 1 vs 4 vs 8 networks also changes EL's effective weight:
+``--part equal-share`` compares the networks and the kernel at ONE gradient share instead.
+
+``--part supplements`` is the comparison the EL paper argues: EL against the supplementary
+losses it replaces, DMD1's regression loss (pseudo-Huber on 1,000 teacher Heun pairs; LPIPS
+needs weights we cannot download) and DMD2's GAN head on the fake denoiser's bottleneck. Every
+supplementary loss gets the SAME automatic weight (its gradient at the generator's output held
+at ``SHARE`` times the base loss's; our protocol: no published digits weights exist, and equal
+shares make the losses comparable without a grid search per loss). ``--part variance`` measures,
+after each arm's training, the variance of the generator's gradient over K = 8 independent
+batches at B = 16, 64, 256 for the base loss and for base + the arm's term, and fits a + b/B
+(the floor a; callbacks/gradient_variance.py).
 """
 
 from __future__ import annotations
@@ -27,16 +44,22 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_losses.demo.distillation import distill
+from lightning_losses.demo.distillation import TEACHER, distill
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import paired_interval, verdict  # noqa: E402
+
 STEPS = {"DMD": 150, "DI": 200, "CM": 300}
+#: The gradient share every supplementary loss is held at (``weight_mode="auto"``).
+SHARE = 0.5
 
 #: name -> (el, el_weight override, model overrides) of the DMD ablation.
 ABLATION: dict[str, tuple[bool, float | None, dict[str, Any]]] = {
@@ -123,17 +146,179 @@ def mean_std(values: list[float]) -> str:
 
 
 def run_arm(framework: str, el: bool, seed: int, steps: int, every: int, samples: int,
-            el_weight: float | None = None, overrides: dict | None = None) -> dict:  # fmt: skip
+            el_weight: float | None = None, overrides: dict | None = None,
+            data: dict | None = None, keep_model: bool = False) -> dict:  # fmt: skip
     start = time.perf_counter()
     out = distill(framework, el, seed, steps, every, el_weight=el_weight,
-                  model_overrides=overrides, fid_samples=samples)  # fmt: skip
-    return {
+                  model_overrides=overrides, fid_samples=samples, data_overrides=data)  # fmt: skip
+    result = {
         "history": out["history"],
         "fid": out["fid"],
         "seconds": out["seconds"],
         "wall": time.perf_counter() - start,
         "el_weight": out["model"].el_weight,
     }
+    if keep_model:
+        result["model"] = out["model"]
+    return result
+
+
+def _bank(**init_args: Any) -> dict:
+    return {
+        "class_path": "lightning_losses.losses.EmbeddingLoss",
+        "init_args": {
+            **{k: v for k, v in init_args.items() if k == "kernel"},
+            "bank": {
+                "class_path": "lightning_losses.nets.RandomEmbedderBank",
+                "init_args": {
+                    "in_channels": 1,
+                    **{k: v for k, v in init_args.items() if k != "kernel"},
+                },
+            },
+        },
+    }
+
+
+def supplement_arms(pairs: Path) -> dict[str, tuple[bool, float | None, dict[str, Any]]]:
+    """name -> (el, el_weight, model overrides): none / regression / GAN / EL at one share."""
+    auto = {"weight": SHARE, "weight_mode": "auto"}
+    regression = {"class_path": "lightning_losses.modules.RegressionSupplement",
+                  "init_args": {"pairs_path": str(pairs), **auto}}  # fmt: skip
+    gan = {"class_path": "lightning_losses.modules.GANSupplement", "init_args": auto}
+    return {
+        "none": (False, None, {}),
+        "regression": (False, None, {"supplementary_losses": [regression]}),
+        "GAN": (False, None, {"supplementary_losses": [gan]}),
+        "EL": (True, SHARE, {"el_weight_mode": "auto"}),
+    }
+
+
+#: EL's knobs at one gradient share (``--part equal-share``).
+_AUTO = {"el_weight_mode": "auto"}
+EQUAL_SHARE: dict[str, tuple[bool, float | None, dict[str, Any]]] = {
+    "no EL": (False, None, {}),
+    "EL, 4 networks": (True, SHARE, _AUTO),
+    "EL, 1 network": (True, SHARE, {**_AUTO, "embedding_loss": _bank(num_networks=1)}),
+    "EL, 8 networks": (True, SHARE, {**_AUTO, "embedding_loss": _bank(num_networks=8)}),
+    "EL, linear kernel": (True, SHARE, {**_AUTO, "embedding_loss": _bank(kernel="linear")}),
+}
+
+
+def teacher_pairs(out: Path, num_pairs: int = 1000) -> Path:
+    """The regression loss's pairs of the committed digits teacher (made once, 18 Heun steps)."""
+    from lightning_losses.diffusion import load_denoiser, make_teacher_pairs, save_teacher_pairs
+
+    path = out / f"digits_teacher_pairs_{num_pairs}.safetensors"
+    if not path.is_file():
+        save_teacher_pairs(make_teacher_pairs(load_denoiser(TEACHER), num_pairs, seed=0), path)
+    return path
+
+
+def real_digits(n: int = 512) -> torch.Tensor:
+    """The first ``n`` training digits of the distillation configs' split, in [-1, 1]."""
+    from lightning_losses.datamodules import DigitsDataModule
+
+    data = DigitsDataModule(batch_size=n, image_size=8, normalize="symmetric",
+                            val_fraction=0.1, test_fraction=0.1, seed=0)  # fmt: skip
+    data.setup("fit")
+    images = next(iter(data.train_dataloader()))
+    return images[0] if isinstance(images, list | tuple) else images
+
+
+def compare(results: dict[str, list[dict]], total: int, reference: str) -> list[str]:
+    """Rows: FID mean ± std, paired difference to ``reference`` with its 95% interval and
+    verdict, iterations to the reference's final / mid-run FID, fit time ratio."""
+    base = results[reference]
+    lines = [
+        f"| arm | digits-FID | minus {reference}: mean [95% interval] | verdict | reaches "
+        f"{reference}'s final FID at | reaches its mid-run FID at ({reference}: 50%) | fit time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in results.items():
+        fid = mean_std([r["fid"] for r in rows])
+        if name == reference or len(rows) < 2:
+            interval, word = "—", "—"
+        else:
+            mean, low, high = paired_interval([r["fid"] - b["fid"] for r, b in zip(rows, base)])
+            interval = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+            word = verdict(low, high, lower_is_better=True)
+        found = [
+            (first_reaching(r["history"], b["fid"]),
+             first_reaching(r["history"], fid_at(b["history"], total // 2)))
+            for r, b in zip(rows, base)
+        ]  # fmt: skip
+        final, middle = (
+            ", ".join("—" if f[i] is None else f"{f[i] / total:.0%}" for f in found) for i in (0, 1)
+        )
+        ratio = statistics.mean(r["seconds"] for r in rows) / statistics.mean(
+            b["seconds"] for b in base
+        )
+        lines.append(
+            f"| {name} | {fid} | {interval} | {word} | {final} | {middle} | {ratio:.2f}x |"
+        )
+    return lines
+
+
+def run_part(part: str, args: argparse.Namespace, steps: dict[str, int]) -> str:
+    """``--part supplements | batch | equal-share | di-auto | variance``: run it, return the
+    markdown (also written to ``<out>/<part>.md``, the runs to ``<out>/<part>.json``)."""
+    from lightning_losses.callbacks import fit_variance_floor, generator_gradient_variance
+
+    frameworks = {"supplements": ["DMD", "DI"], "variance": ["DMD"], "batch": ["DMD"],
+                  "equal-share": ["DMD"], "di-auto": ["DI"]}[part]  # fmt: skip
+    pairs = teacher_pairs(args.out) if part in ("supplements", "variance") else None
+    arms_of = {
+        "supplements": lambda: supplement_arms(pairs),
+        "variance": lambda: supplement_arms(pairs),
+        "equal-share": lambda: EQUAL_SHARE,
+        "di-auto": lambda: {"no EL": (False, None, {}), "EL (config, fixed)": (True, None, {}),
+                            "EL auto": (True, SHARE, {"el_weight_mode": "auto"})},
+        "batch": lambda: {f"{'EL' if el else 'no EL'}, B={b}": (el, None, {"_batch": b})
+                          for b in args.batch_sizes for el in (False, True)},
+    }  # fmt: skip
+    real = real_digits() if part == "variance" else None
+    sections, saved = [], {}
+    for framework in frameworks:
+        total = steps[framework]
+        every = max(1, total // 10)
+        results: dict[str, list[dict]] = {}
+        variances: dict[str, list[dict]] = {}
+        for name, (el, weight, overrides) in arms_of[part]().items():
+            overrides = dict(overrides)
+            data = {"batch_size": overrides.pop("_batch")} if "_batch" in overrides else None
+            for seed in args.seeds:
+                r = run_arm(framework, el, seed, total, every, args.samples, weight, overrides,
+                            data, keep_model=part == "variance")  # fmt: skip
+                if part == "variance":
+                    model = r.pop("model")
+                    v = generator_gradient_variance(model, real, (16, 64, 256), 8, seed=seed)
+                    variances.setdefault(name, []).append(v)
+                results.setdefault(name, []).append(r)
+                print(f"{part} {framework} {name} seed {seed}: {r['fid']:.3f} "
+                      f"({r['seconds']:.0f} s)", flush=True)  # fmt: skip
+        saved[framework] = {"runs": results, "variances": variances}
+        head = f"{framework}, {total} generator steps, seeds {args.seeds}, {args.samples} samples."
+        if part == "variance":
+            lines = ["| arm | objective | V(16) | V(64) | V(256) | floor a (mean ± std over "
+                     "seeds) | b |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for name, per_seed in variances.items():
+                for objective in per_seed[0]:
+                    by = [v[objective] for v in per_seed]
+                    fits = [fit_variance_floor(list(d), list(d.values())) for d in by]
+                    cells = [f"{statistics.mean(d[b] for d in by):.3g}" for b in (16, 64, 256)]
+                    lines.append(
+                        f"| {name} | {objective} | {' | '.join(cells)} | "
+                        f"{mean_std([f.floor for f in fits])} | "
+                        f"{statistics.mean(f.slope for f in fits):.3g} |"
+                    )
+        else:
+            reference = next(iter(results))
+            lines = compare(results, total, reference)
+        sections.append(head + "\n\n" + "\n".join(lines))
+    (args.out / f"{part}.json").write_text(json.dumps(saved, indent=1, default=str))
+    table = "\n\n".join(sections)
+    (args.out / f"{part}.md").write_text(table + "\n")
+    return table
 
 
 def main_table(runs: dict[str, dict[str, list[dict]]], steps: dict[str, int]) -> list[str]:
@@ -194,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="generator steps (all)")
     parser.add_argument("--samples", type=int, default=2000, help="samples per FID")
     parser.add_argument("--ablation", action="store_true", help="EL's knobs on DMD instead")
+    parts = ["main", "ablation", "supplements", "batch", "equal-share", "di-auto", "variance"]
+    parser.add_argument("--part", choices=parts, default=None, help="one part of the study")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps, 500 samples")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
     parser.add_argument(
@@ -217,8 +405,13 @@ def main(argv: list[str] | None = None) -> None:
     steps = {f: args.steps or STEPS[f] for f in args.frameworks}
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    args.ablation = args.ablation or args.part == "ablation"
 
-    if args.ablation:
+    if args.part not in (None, "main", "ablation"):
+        if args.quick:
+            args.batch_sizes = args.batch_sizes[:2]
+        table = run_part(args.part, args, {f: args.steps or STEPS[f] for f in STEPS})
+    elif args.ablation:
         every = max(1, steps["DMD"] // 10)
         results: dict[str, list[dict]] = {}
         reused = json.loads(args.reuse.read_text())["DMD"] if args.reuse else {}
