@@ -178,9 +178,10 @@ def orthogonal_projection_loss(
             norm_total = norms.sum()
         else:
             pos_sum, neg_sum, norm_total = class_pair_sums(features, inverse, counts, dtype)
+        # Pair counts in int64 (exact; float32 rounds sum_c n_c^2 above 2^24), then the dtype.
         batch = labels.shape[0]
-        same = (counts.to(dtype) ** 2).sum()
-        pos_count, neg_count = same - batch, batch * batch - same
+        same = (counts * counts).sum()
+        pos_count, neg_count = (same - batch).to(dtype), (batch * batch - same).to(dtype)
         # With no pair the sum is 0 in exact arithmetic; `where` keeps the 1/eps from turning
         # rounding in the class-sum form into a value or a gradient.
         pos_mean = torch.where(pos_count > 0, pos_sum / (pos_count + eps), 0.0)
@@ -267,5 +268,5 @@ class OrthogonalProjectionLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"gamma={self.gamma}, abs_mode={self.abs_mode!r}, "
-            f"gather_distributed={self.gather_distributed}"
+            f"gather_distributed={self.gather_distributed}, eps={self.eps}"
         )
