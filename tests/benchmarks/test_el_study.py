@@ -45,3 +45,22 @@ def test_main_table_reports_paired_differences_and_crossings():
     first = 10 + 10 * math.log(1.5) / math.log(3.0)
     assert cells[6] == f"{first / 40:.0%}, 50%"
     assert cells[7] == "1.20"
+
+
+def test_compare_gives_the_paired_interval_and_a_verdict_for_fid():
+    def run(final, seconds=10.0):
+        return {"history": [(5, 8.0), (10, final)], "fid": final, "seconds": seconds}
+
+    results = {
+        "none": [run(4.0), run(5.0), run(6.0)],
+        "EL": [run(3.0, 20.0), run(3.9, 20.0), run(5.1, 20.0)],  # always lower: helps
+        "GAN": [run(4.5), run(4.0), run(6.6)],  # mixed: no detectable difference
+    }
+    lines = el_study.compare(results, total=10, reference="none")
+    el_row = next(line for line in lines if line.startswith("| EL |"))
+    gan_row = next(line for line in lines if line.startswith("| GAN |"))
+    mean, low, high = el_study.paired_interval([-1.0, -1.1, -0.9])
+    assert f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" in el_row
+    assert "| helps |" in el_row and "2.00x" in el_row
+    assert "no detectable difference" in gan_row
+    assert lines[2].startswith("| none |") and "| — | — |" in lines[2]
