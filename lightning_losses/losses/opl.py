@@ -22,8 +22,8 @@ pairs, the authors' CIFAR / ImageNet / label-noise code).
     \\qquad \\sum_{neg} = \\lVert S \\rVert^2 - \\sum_c \\lVert S_c \\rVert^2,
 
 which is O(B D) time and memory. Their forward and gradient are written in closed form
-(:class:`~lightning_losses.losses._opl_function.ClassPairSums`: two reads of the features
-forward, one gather-dot-update backward, the gradient the only B x D buffer) instead of
+(:class:`~lightning_losses.losses._opl_function.ClassPairSums`: one pass over the features
+forward, one gather-dot-update pass backward, the gradient the only B x D buffer) instead of
 autograd's element-wise passes through the normalisation. ``"pair"`` keeps autograd through
 the Gram matrix.
 
@@ -159,11 +159,12 @@ def orthogonal_projection_loss(
     Raises:
         ValueError: B = 0, D = 0, a bad shape / dtype / device, a negative label, a NaN or inf
         feature, or a row whose squared norm overflows the working dtype (|x| above about 1e19
-        in float32: it would be normalised to 0). The value checks cost one host read per call.
+        in float32: it would be normalised to 0). The value checks cost one host read per call
+        (besides ``torch.unique``'s own, whose output size depends on the labels).
 
     ``"none"`` and ``"mean"`` run :class:`~lightning_losses.losses._opl_function.ClassPairSums`
-    (closed-form forward and gradient, O(B D), no double backward); ``"pair"`` uses autograd
-    through the B x B Gram matrix.
+    (closed-form forward and gradient, O(B D); a double backward recomputes through autograd);
+    ``"pair"`` uses autograd through the B x B Gram matrix (O(B^2) memory).
     """
     _check_options(gamma, abs_mode, eps)
     _check_inputs(features, labels)
