@@ -1,6 +1,6 @@
 """Distribution Matching Distillation (DMD / DMD2) losses, in EDM sigma space.
 
-Notation (see ``shared/papers/distillation.md``): a one-step generator gives images x; a noisy
+Notation (EDM sigma space): a one-step generator gives images x; a noisy
 copy :math:`x_t = x + \\sigma \\epsilon` is denoised by the frozen teacher ("real" denoiser,
 :math:`D_{real}`) and by a "fake" denoiser :math:`D_{fake}` trained on generator samples.
 
@@ -28,16 +28,8 @@ Fake denoiser loss: the EDM-weighted denoising loss on DETACHED generator sample
         = \\frac{\\sigma^2 + \\sigma_{data}^2}{(\\sigma\\, \\sigma_{data})^2}.
 
 Diff-Instruct's generator loss (Luo et al. 2023; ``training/di_loss.py`` of
-github.com/pkulwj1994/diff_instruct), with the same two denoisers at a level
-:math:`\\sigma \\sim \\mathrm{LogNormal}(-1.2, 1.2)`:
-
-.. math::
-
-    L_{DI} = \\frac{1}{B} \\sum_{b,c,h,w} \\mathrm{sg}\\big(D_{fake}(x_t) - D_{real}(x_t)\\big)
-        \\odot x, \\qquad \\frac{\\partial L_{DI}}{\\partial x} = \\frac{D_{fake} - D_{real}}{B},
-
-no normalisation by :math:`\\lvert x - D_{real} \\rvert` (unlike DMD) and NaN / inf entries of
-the difference set to 0 (as in DMD).
+github.com/pkulwj1994/diff_instruct) uses the same two denoisers without DMD's normalisation
+(:func:`diff_instruct_loss`, where its formula is).
 
 All compute in at least float32 with autocast disabled (bf16 / fp16 inputs are upcast; float64
 stays float64).

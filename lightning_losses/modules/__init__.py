@@ -6,6 +6,7 @@ from lightning_losses.modules.consistency import ConsistencyDistillation
 from lightning_losses.modules.diff_instruct import DiffInstructDistillation
 from lightning_losses.modules.distillation import OneStepDistillation
 from lightning_losses.modules.dmd import DMDDistillation
+from lightning_losses.modules.gan_regression import GANSupplement, RegressionSupplement
 from lightning_losses.modules.schedulers import WarmupMultiStepLR
 from lightning_losses.modules.score_distillation import ScoreDistillation
 from lightning_losses.modules.supplementary import EmbeddingSupplement, SupplementaryLoss
@@ -17,9 +18,11 @@ __all__ = [
     "DiffInstructDistillation",
     "DiffusionTeacher",
     "EmbeddingSupplement",
+    "GANSupplement",
     "OneStepDistillation",
     "OPLClassifier",
     "PostHocCalibration",
+    "RegressionSupplement",
     "ScoreDistillation",
     "SupplementaryLoss",
     "WarmupMultiStepLR",

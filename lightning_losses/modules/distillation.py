@@ -53,7 +53,7 @@ from lightning_losses.modules.supplementary import (
     collect_terms,
     weigh_terms,
 )
-from lightning_losses.modules.teacher import TEACHER_COMMAND, load_teacher
+from lightning_losses.modules.teacher import TEACHER_COMMAND, check_teacher_classes, load_teacher
 
 __all__ = [
     "TEACHER_COMMAND",
@@ -86,8 +86,9 @@ class GeneratorObjective(NamedTuple):
         terms: the UNWEIGHTED supplementary losses by name.
         logs: scalars to log (name -> detached tensor).
         base_output: the network output at which ``grad_norm_base`` is measured; None: the
-            generated x. Consistency distillation gives its student's output on noisy real
-            images, as its loss does not depend on x.
+            generated x (consistency distillation: its student's output on noisy real images).
+        term_outputs: for a term whose loss is not a function of x (regression), the output
+            its gradient norm is measured at.
     """
 
     loss: Tensor
@@ -95,6 +96,7 @@ class GeneratorObjective(NamedTuple):
     terms: dict[str, Tensor]
     logs: dict[str, Tensor]
     base_output: Tensor | None = None
+    term_outputs: dict[str, Tensor] | None = None
 
 
 class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
@@ -212,7 +214,7 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
             )
         if teacher.sample_size is None:
             raise ValueError("the teacher has no sample_size: one-step generation needs the size")
-        self._check_classes(teacher, num_classes, class_conditional)
+        check_teacher_classes(teacher, num_classes, class_conditional)
         self.sigma_data = float(
             getattr(teacher, "sigma_data", 0.5) if sigma_data is None else sigma_data
         )
@@ -222,18 +224,19 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
         )
         check_float(self.generator_sigma, "generator_sigma", minimum=0.0, strict_minimum=True)
         self.teacher = teacher.requires_grad_(False).eval()
+        self.num_classes = teacher.num_classes if class_conditional else num_classes
+        self.class_conditional = bool(class_conditional)
         generator = self.initial_generator(teacher, generator)
         self.generator = generator.requires_grad_(True).train()
         self.generator_ema: Denoiser | None = None
         if ema_decay is not None:
             self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        self.build_networks()
         self.supplementary_losses = nn.ModuleList(terms)
         for term in terms:
             term.bind(self)
         self.register_buffer("generator_steps", torch.zeros((), dtype=torch.int64))
 
-        self.num_classes = teacher.num_classes if class_conditional else num_classes
-        self.class_conditional = bool(class_conditional)
         self.el_weight = el_weight
         self.el_weight_mode = el_weight_mode
         self.generator_batch_size = generator_batch_size
@@ -243,6 +246,9 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
         self.log_grad_norm_every = int(log_grad_norm_every)
         self.automatic_optimization = False
         self._warned: set[str] = set()
+
+    def build_networks(self) -> None:
+        """Build a subclass's further networks (called before the supplementary losses bind)."""
 
     def initial_generator(self, teacher: Denoiser, generator: nn.Module | None) -> Denoiser:
         """The generator's first network: a deep copy of the teacher, or a checked ``generator``."""
@@ -255,24 +261,6 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
         except ValueError as err:
             raise ValueError(f"the generator does not fit the teacher: {err}") from err
         return generator
-
-    @staticmethod
-    def _check_classes(teacher: Denoiser, num_classes: int | None, conditional: bool) -> None:
-        if conditional:
-            if teacher.num_classes is None:
-                raise ValueError(
-                    "class_conditional=True but the teacher is unconditional (num_classes=None)"
-                )
-            if num_classes is not None and num_classes != teacher.num_classes:
-                raise ValueError(
-                    f"num_classes={num_classes} (from the data) but the teacher has "
-                    f"{teacher.num_classes} classes"
-                )
-        elif teacher.num_classes is not None:
-            raise ValueError(
-                f"the teacher is class conditional ({teacher.num_classes} classes): set "
-                "class_conditional=True"
-            )
 
     @property
     def embedding_loss(self) -> nn.Module | None:
@@ -405,29 +393,33 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
         base, logs, base_output = self.base_objective(x, class_labels, real, real_labels)
         logs = dict(logs)
         terms: dict[str, Tensor] = {}
+        outputs: dict[str, Tensor] = {}
         for term in self.supplementary_losses:
             if term.needs_real_images and real is None:
                 raise ValueError(self._missing_real_message())
-            terms[term.name] = term(x, real, class_labels, real_labels)
+            value = term(x, real, class_labels, real_labels, module=self)
+            if isinstance(value, tuple):  # (loss, the output it is measured at)
+                value, outputs[term.name] = value
+            terms[term.name] = value
         reduce = None
         if self._trainer is not None and self.trainer.world_size > 1:
             reduce = functools.partial(self.trainer.strategy.reduce, reduce_op="mean")
         due = grad_norms or any(t.weight_mode == "auto" for t in self.supplementary_losses)
         norms = None
         if due:
-            norms = self.output_grad_norms(
-                x, GeneratorObjective(base, base, terms, logs, base_output)
-            )
+            objective = GeneratorObjective(base, base, terms, logs, base_output, outputs)
+            norms = self.output_grad_norms(x, objective)
         loss, weighted = weigh_terms(base, terms, self.supplementary_losses, norms, reduce)
         logs.update(weighted)
-        return GeneratorObjective(loss, base, terms, logs, base_output)
+        return GeneratorObjective(loss, base, terms, logs, base_output, outputs)
 
     def output_grad_norms(self, x: Tensor | None, objective: GeneratorObjective) -> dict:
         """L2 norms over the batch of d(base)/d(base output or x) and of each d(term)/dx
         (``train/grad_norm_base``, ``train/grad_norm_<name>``); the graph is retained."""
         base_at = x if objective.base_output is None else objective.base_output
         measured = {"base": (objective.base, base_at)}
-        measured.update({name: (term, x) for name, term in objective.terms.items()})
+        at = objective.term_outputs or {}
+        measured.update({name: (term, at.get(name, x)) for name, term in objective.terms.items()})
         norms = {}
         for name, (term, at) in measured.items():
             (grad,) = torch.autograd.grad(term, at, retain_graph=True, allow_unused=True)
@@ -492,7 +484,7 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
         return logs
 
     def after_generator_step(
-        self, x: Tensor | None, class_labels: Tensor | None
+        self, x: Tensor | None, real: RealBatch, class_labels: Tensor | None
     ) -> dict[str, Tensor]:
         """What a step does after the generator's (a second network's update); its logs."""
         return {}
@@ -534,7 +526,7 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
             logs: dict[str, Tensor] = {}
             if generator_step:
                 logs.update(self.generator_update(x, real, class_labels))
-            logs.update(self.after_generator_step(x, class_labels))
+            logs.update(self.after_generator_step(x, real, class_labels))
         return logs
 
     def training_step(self, batch: Any, batch_idx: int) -> None:

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from lightning_losses.checks import check_float, check_positive_int
+from lightning_losses.diffusion.batches import RealBatch
 from lightning_losses.losses.distillation import fake_denoiser_loss
 from lightning_losses.modules.distillation import OneStepDistillation, adamw, loss_logs
 
@@ -63,8 +64,6 @@ class ScoreDistillation(OneStepDistillation):
         if fake_grad_clip is not None:
             check_float(fake_grad_clip, "fake_grad_clip", minimum=0.0, strict_minimum=True)
         super().__init__(**kwargs)
-        self.fake_denoiser = copy.deepcopy(self.teacher).requires_grad_(True).train()
-        self.register_buffer("fake_steps", torch.zeros((), dtype=torch.int64))
         self.fake_updates_per_generator = int(fake_updates_per_generator)
         self.fake_optimizer = fake_optimizer
         self.fake_grad_clip = fake_grad_clip
@@ -73,6 +72,10 @@ class ScoreDistillation(OneStepDistillation):
     score_loss: ClassVar[Callable[[Tensor, Tensor, Tensor], NamedTuple]]
     #: The prefix of the loss output's logged fields.
     log_prefix: ClassVar[str] = "score"
+
+    def build_networks(self) -> None:
+        self.fake_denoiser = copy.deepcopy(self.teacher).requires_grad_(True).train()
+        self.register_buffer("fake_steps", torch.zeros((), dtype=torch.int64))
 
     @property
     def needs_samples(self) -> bool:
@@ -124,16 +127,26 @@ class ScoreDistillation(OneStepDistillation):
         return fake_denoiser_loss(denoised, x, sigma, self.sigma_data)
 
     def after_generator_step(
-        self, x: Tensor | None, class_labels: Tensor | None
+        self, x: Tensor | None, real: RealBatch, class_labels: Tensor | None
     ) -> dict[str, Tensor]:
-        """The fake denoiser's update on ``x.detach()``."""
+        """The fake denoiser's update on ``x.detach()``, with the supplementary losses'
+        discriminator terms (a GAN head's) in the same backward."""
         loss = self.fake_objective(x, class_labels)
+        logs = {"train/loss_fake": loss.detach()}
+        for term in self.supplementary_losses:
+            extra = term.discriminator_loss(
+                x.detach(), real.images, class_labels, real.labels, self
+            )
+            if extra is not None:
+                loss = loss + extra[0]
+                logs.update(extra[1])
         self.optimizer_step(self.step_optimizers()[1], loss, self.fake_grad_clip)
         self.fake_steps += 1
-        return {"train/loss_fake": loss.detach()}
+        return logs
 
     def configure_optimizers(self) -> Any:
+        heads = [p for term in self.supplementary_losses for p in term.discriminator_parameters()]
         return [
             self.generator_optimizer(self.generator.parameters()),
-            self.fake_optimizer(self.fake_denoiser.parameters()),
+            self.fake_optimizer([*self.fake_denoiser.parameters(), *heads]),
         ]

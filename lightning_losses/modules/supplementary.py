@@ -78,9 +78,27 @@ class SupplementaryLoss(nn.Module):
         real: Tensor | None,
         class_labels: Tensor | None = None,
         real_labels: Tensor | None = None,
-    ) -> Tensor:
-        """The unweighted loss of generated ``x`` (with gradient), given a real batch."""
+        module: Any = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The unweighted loss of generated ``x`` (with gradient), given a real batch and the
+        distillation ``module``; or ``(loss, output)`` when the loss is not a function of x,
+        ``output`` being the generator output its gradient norm is measured at."""
         raise NotImplementedError
+
+    def discriminator_loss(
+        self,
+        x: Tensor,
+        real: Tensor,
+        class_labels: Tensor | None,
+        real_labels: Tensor | None,
+        module: Any,
+    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """A term added to the fake denoiser's loss (its logs), or None (the default)."""
+        return None
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained with the fake denoiser's optimizer (a GAN head's)."""
+        return []
 
 
 class EmbeddingSupplement(SupplementaryLoss):
@@ -132,6 +150,7 @@ class EmbeddingSupplement(SupplementaryLoss):
         real: Tensor | None,
         class_labels: Tensor | None = None,
         real_labels: Tensor | None = None,
+        module: Any = None,
     ) -> Tensor:
         out = self.embedding_loss(x, real, class_labels, real_labels)
         return out if isinstance(out, Tensor) else out.loss

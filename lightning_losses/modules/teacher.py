@@ -51,6 +51,25 @@ def load_teacher(path: str | os.PathLike[str]) -> Denoiser:
         ) from err
 
 
+def check_teacher_classes(teacher: Denoiser, num_classes: int | None, conditional: bool) -> None:
+    """Raise ValueError unless the teacher's classes fit ``class_conditional`` / ``num_classes``."""
+    if conditional:
+        if teacher.num_classes is None:
+            raise ValueError(
+                "class_conditional=True but the teacher is unconditional (num_classes=None)"
+            )
+        if num_classes is not None and num_classes != teacher.num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} (from the data) but the teacher has "
+                f"{teacher.num_classes} classes"
+            )
+    elif teacher.num_classes is not None:
+        raise ValueError(
+            f"the teacher is class conditional ({teacher.num_classes} classes): set "
+            "class_conditional=True"
+        )
+
+
 def _adam(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
@@ -72,21 +91,9 @@ class DiffusionTeacher(L.LightningModule):
 
     The denoiser is :class:`~lightning_losses.diffusion.EDMPrecond` around ``unet`` (or around
     :func:`~lightning_losses.diffusion.unet_for_images` built from ``in_channels``,
-    ``sample_size``, ``channels``, ``layers_per_block``, ``attention``):
-
-    .. math::
-
-        D(x; \\sigma) = c_{skip}(\\sigma)\\, x + c_{out}(\\sigma)\\,
-            F_\\theta\\big(c_{in}(\\sigma)\\, x;\\ \\tfrac14 \\ln\\sigma\\big),
-
-    trained on clean images :math:`x \\in [-1, 1]` with EDM's loss
-    (:func:`~lightning_losses.diffusion.edm_loss`)
-
-    .. math::
-
-        \\ln\\sigma \\sim \\mathcal{N}(P_{mean}, P_{std}^2), \\quad
-        \\mathcal{L} = \\mathbb{E}\\Big[\\frac{\\sigma^2 + \\sigma_d^2}{(\\sigma\\,\\sigma_d)^2}
-            \\big\\| D(x + \\sigma\\epsilon; \\sigma) - x \\big\\|^2\\Big].
+    ``sample_size``, ``channels``, ``layers_per_block``, ``attention``), trained on clean images
+    :math:`x \\in [-1, 1]` with EDM's loss (:func:`~lightning_losses.diffusion.edm_loss`, where
+    the formula is; :math:`\\ln\\sigma \\sim \\mathcal{N}(P_{mean}, P_{std}^2)`).
 
     A constant-decay exponential moving average of the denoiser's weights
     (:func:`~lightning_losses.modules.ema.ema_update`) is updated after every optimizer step. It

@@ -31,7 +31,7 @@ def real_batch(n: int = 6, seed: int = 2) -> tuple[Tensor, Tensor]:
 class MeanSquare(SupplementaryLoss):
     """A toy term: mean(x^2)."""
 
-    def forward(self, x, real, class_labels=None, real_labels=None):
+    def forward(self, x, real, class_labels=None, real_labels=None, module=None):
         return x.square().mean()
 
 
