@@ -271,6 +271,19 @@ def _gaussian(
     return k
 
 
+def _descending(multipliers: tuple[float, ...]) -> tuple[float, ...]:
+    """The multipliers from the widest kernel down (the order of the kernel's sum is free)."""
+    return tuple(sorted(multipliers, reverse=True))
+
+
+def _halvings(multipliers: tuple[float, ...]) -> tuple[float, ...] | None:
+    """The multipliers if each is exactly half the one before (the default 4, 2, 1, 1/2, 1/4
+    once sorted descending: passed in that order by :func:`_descending`), else None."""
+    if len(multipliers) > 1 and all(b * 2.0 == a for a, b in zip(multipliers, multipliers[1:])):
+        return multipliers
+    return None
+
+
 class _WeightedGaussianSum(torch.autograd.Function):
     """Per map f, :math:`\\sum_{ij} W_{ij} k_f(d_{fij})` with :func:`_gaussian`'s kernel k.
 
@@ -290,13 +303,19 @@ class _WeightedGaussianSum(torch.autograd.Function):
     ) -> Tensor:
         k = torch.zeros_like(d2)
         slope = torch.zeros_like(d2)
-        for s in multipliers:
+        halvings = _halvings(multipliers)
+        e = None
+        for i, s in enumerate(multipliers):
             rate = 1.0 / (-s * h)
-            exponent = d2 / (-s * h)
             if correction is not None:
-                exponent = exponent * correction * correction
                 rate = rate * correction * correction
-            e = torch.exp(exponent)
+            if halvings is not None and i > 0:
+                e = e * e  # exp(-d / (s h)) = exp(-d / (2 s h))^2: a product, not an exp
+            else:
+                exponent = d2 / (-s * h)
+                if correction is not None:
+                    exponent = exponent * correction * correction
+                e = torch.exp(exponent)
             k += e
             slope += e * rate
         ctx.multipliers = multipliers
@@ -340,7 +359,8 @@ def _pooled_maps(
     pairs: Sequence[tuple[Tensor, Tensor]], dtype: torch.dtype, kernel: str
 ) -> tuple[Tensor, Tensor]:
     """Stacked (F, N, N) squared distances (gaussian) or Gram matrices (linear) of the rescaled
-    pooled samples, and the (F,) scales c; maps of one width are computed together."""
+    pooled samples, the (F,) scales c, and the maps' order along F: maps of one width are
+    computed together (:func:`_in_map_order` puts results back)."""
     groups: dict[int, list[int]] = {}
     for index, (x, _) in enumerate(pairs):
         groups.setdefault(x.shape[1], []).append(index)
@@ -352,11 +372,15 @@ def _pooled_maps(
         mats.append(mat)
         scales.append(scale)
         order.extend(indices)
-    mats, scales = torch.cat(mats), torch.cat(scales)
-    if order != sorted(order):
-        inverse = torch.tensor(order, device=mats.device).argsort()
-        mats, scales = mats[inverse], scales[inverse]
-    return mats, scales
+    return torch.cat(mats), torch.cat(scales), order
+
+
+def _in_map_order(values: Tensor, order: list[int]) -> Tensor:
+    """(F,) values computed in :func:`_pooled_maps`' group order, back in the maps' order."""
+    if order == sorted(order):
+        return values
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return values[torch.tensor(inverse, device=values.device)]
 
 
 def _check_bandwidth_dtype(bandwidth: float | None, kernel: str, dtype: torch.dtype) -> None:
@@ -382,8 +406,9 @@ def _mmd2_maps(
     m = pairs[0][0].shape[0]
     device = pairs[0][0].device
     with torch.autocast(device_type=device.type, enabled=False):
-        mats, scales = _pooled_maps(pairs, dtype, kernel)
-        return _mmd2_of_matrices(mats, scales, m, kernel, bandwidth, multipliers, unbiased)
+        mats, scales, order = _pooled_maps(pairs, dtype, kernel)
+        values = _mmd2_of_matrices(mats, scales, m, kernel, bandwidth, multipliers, unbiased)
+        return _in_map_order(values, order)
 
 
 def _mmd2_of_matrices(
@@ -401,9 +426,11 @@ def _mmd2_of_matrices(
         return (mats * weights).sum(dim=(1, 2)) * scales * scales
     if bandwidth is None:
         h = _median_bandwidths(mats)[:, None, None]
-        return _WeightedGaussianSum.apply(mats, h, weights, multipliers, None)
+        return _WeightedGaussianSum.apply(mats, h, weights, _descending(multipliers), None)
     h = mats.new_tensor(bandwidth)
-    return _WeightedGaussianSum.apply(mats, h, weights, multipliers, scales[:, None, None])
+    return _WeightedGaussianSum.apply(
+        mats, h, weights, _descending(multipliers), scales[:, None, None]
+    )
 
 
 def _per_class_medians(mats: Tensor, labels: Tensor, same: Tensor, members: Tensor) -> Tensor:
@@ -449,7 +476,7 @@ def _mmd2_maps_per_class(
     labels = torch.cat([x_labels.long(), y_labels.long()])  # (N,)
     total = labels.shape[0]
     with torch.autocast(device_type=device.type, enabled=False):
-        mats, scales = _pooled_maps(pairs, dtype, kernel)
+        mats, scales, order = _pooled_maps(pairs, dtype, kernel)
         same = labels[:, None] == labels[None, :]  # (N, N)
         count_x = same[:, :m].sum(dim=1).to(dtype)  # rows of the row's class in x
         count_y = same[:, m:].sum(dim=1).to(dtype)  # ... in y
@@ -469,16 +496,16 @@ def _mmd2_maps_per_class(
         elif bandwidth is not None:
             h = mats.new_tensor(bandwidth)
             summed = _WeightedGaussianSum.apply(
-                mats, h, weights, multipliers, scales[:, None, None]
+                mats, h, weights, _descending(multipliers), scales[:, None, None]
             )
         else:
             h = _per_class_medians(mats, labels, same, count_x + count_y)
-            summed = _WeightedGaussianSum.apply(mats, h, weights, multipliers, None)
+            summed = _WeightedGaussianSum.apply(mats, h, weights, _descending(multipliers), None)
         # Each class counted once: its m_c rows add 1 / m_c each.
         classes = (qualifies[:m].to(dtype) / count_x[:m].clamp_min(1)).sum().round()
         per_class = summed / classes.clamp_min(1)
         unconditional = _mmd2_of_matrices(mats, scales, m, kernel, bandwidth, multipliers, unbiased)
-    return torch.where(classes > 0, per_class, unconditional)
+    return _in_map_order(torch.where(classes > 0, per_class, unconditional), order)
 
 
 def _non_finite_message(value: Tensor, names: Sequence[tuple[str, Tensor]]) -> str:

@@ -100,18 +100,22 @@ class _LinearReLUMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, rows: Tensor, weight: Tensor, batch: int, length: int) -> Tensor:
         out = (rows @ weight.T).clamp_min_(0.0)  # (B L, C)
-        ctx.save_for_backward(out, weight)
+        ctx.save_for_backward(weight)
+        # An intermediate, turned into its sign in place by the backward (sign is idempotent on
+        # values >= 0, so a second backward with retain_graph=True reads the same mask).
+        ctx.out = out
         ctx.batch, ctx.length = batch, length
         return out.view(batch, length, weight.shape[0]).mean(dim=1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        out, weight = ctx.saved_tensors
+        (weight,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         batch, length = ctx.batch, ctx.length
         per_sample = (grad / length)[:, :, None] * weight[None]  # (B, C, K + 1)
-        rows = torch.bmm(torch.sign(out).view(batch, length, weight.shape[0]), per_sample)
+        mask = ctx.out.sign_().view(batch, length, weight.shape[0])
+        rows = torch.bmm(mask, per_sample)
         return rows.view(batch * length, weight.shape[1]), None, None, None
 
 

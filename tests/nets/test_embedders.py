@@ -205,3 +205,12 @@ def test_empty_batch_and_wrong_device():
     assert x.grad.shape == x.shape
     with pytest.raises(ValueError, match="x is on meta but the bank is on cpu"):
         bank(torch.zeros(2, 1, 8, 8, device="meta"))
+
+
+def test_a_retained_graph_gives_the_same_gradient_twice():
+    bank = _bank(in_channels=1, width=4)
+    x = _images(3, 1, 8, seed=4).requires_grad_()
+    loss = sum(f.square().sum() for f in bank(x))
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x)
+    assert torch.equal(first, second)
