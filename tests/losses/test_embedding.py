@@ -555,7 +555,7 @@ def test_per_class_embedding_loss_matches_float64_loop_reference(options):
 
 @pytest.mark.parametrize("kernel", ["gaussian", "linear"])
 def test_closed_form_backward_matches_autograd_for_either_sample(kernel):
-    from lightning_losses.losses.embedding import _pooled_matrices
+    from lightning_losses.losses._mmd_maps import _pooled_matrices
 
     x, y = _samples(m=5, n=4, d=3)
     for needs in [(True, False), (False, True), (True, True)]:
