@@ -396,21 +396,21 @@ class EmbeddingLoss(nn.Module):
                 (
                     "generated",
                     generated,
-                    low - margin,
-                    high + margin,
+                    (low - margin, high + margin),
+                    (low - margin, high + margin),
                     f"value_range {self.value_range} widened by generated_margin={margin:g}",
                 ),
                 (
                     "real",
                     real,
-                    low - RANGE_TOLERANCE,
-                    high + RANGE_TOLERANCE,
-                    f"value_range {self.value_range}, tolerance {RANGE_TOLERANCE:g}",
+                    (low - RANGE_TOLERANCE, high + RANGE_TOLERANCE),
+                    (low, high),
+                    f"the value_range, to within {RANGE_TOLERANCE:g}",
                 ),
             ]
-            for name, images, lo, hi, why in checks:
+            for name, images, (lo, hi), (shown_lo, shown_hi), why in checks:
                 if not all_true(_range_flag(images, lo, hi))[0]:
-                    raise ValueError(_range_message(name, images, lo, hi, why))
+                    raise ValueError(_range_message(name, images, shown_lo, shown_hi, why))
         for name, images in (("generated", generated), ("real", real)):
             if not all_true(torch.isfinite(images).all())[0]:
                 raise ValueError(f"{name} contains NaN or inf")

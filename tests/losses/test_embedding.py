@@ -408,7 +408,7 @@ def test_embedding_loss_rejects_unscaled_images():
     pixels = (unit + 1) * 127.5  # [0, 255]
     with pytest.raises(
         ValueError,
-        match=r"real must hold finite values in \[-1.001, 1.001\].*"
+        match=r"real must hold finite values in \[-1, 1\] \(the value_range, to within 0.001\).*"
         r"got values in \[\d",
     ):
         loss_fn(unit, pixels)
