@@ -22,7 +22,8 @@ Arms: uncalibrated; temperature scaling (LBFGS, strong Wolfe); ensemble TS; vect
 scaling (ODIR 1e-2 / 1e-2); histogram binning (15 bins); isotonic regression; the per-sample
 calibrator (k = 4 of 3 views, 5 hidden units) trained with CE, with MSE (Brier), and with the CA
 loss: the authors' weights per batch (``balanced``), weights from the whole split's accuracy
-(``split``), no weights (``none``), ``balanced`` with early stopping on a held-out quarter of the
+(``split``), no weights (``none``), ``balanced`` on one scalar temperature (the same loss
+without the views: lr 1e-2), ``balanced`` with early stopping on a held-out quarter of the
 split (patience 10 epochs, best epoch kept; scored by the CA loss, or by the NLL), and the
 authors' exact budget (Adam lr 1e-4, batch
 1000, 10 epochs). Except the last, the calibrator runs 1,000 Adam steps (lr 1e-3, batch 64).
@@ -73,6 +74,7 @@ from lightning_losses.nets import (
     IsotonicCalibration,
     MatrixScaling,
     SmallCNN,
+    TemperatureScaling,
     VectorScaling,
     fit_calibrator,
     fit_temperature,
@@ -162,15 +164,21 @@ def outputs(model: nn.Module, dataset: TensorDataset, seed: int) -> tuple[Tensor
 Calibrate = Callable[[Tensor, Tensor, Tensor, int], Callable[[Tensor, Tensor], Tensor]]
 
 
-def _per_sample(objective: str, **options: object) -> Calibrate:
+def _per_sample(objective: str, scalar: bool = False, **options: object) -> Calibrate:
+    """The per-sample calibrator (or, ``scalar``, one temperature: the same objective without
+    the views) trained by ``fit_calibrator``."""
+
     def calibrate(z: Tensor, views: Tensor, labels: Tensor, seed: int):
         torch.manual_seed(seed)
-        calibrator = CorrectnessAwareCalibrator(3, top_k=4, hidden=5)
+        if scalar:
+            calibrator = TemperatureScaling(1.0)
+        else:
+            calibrator = CorrectnessAwareCalibrator(3, top_k=4, hidden=5)
         settings = {"epochs": 1000 // math.ceil(len(labels) / 64) + 1, "batch_size": 64}
         settings.update(lr=1e-3, max_steps=1000)
         settings.update(options)
         fit_calibrator(calibrator, z, labels, views, objective=objective, seed=seed, **settings)
-        return lambda zz, vv: calibrator(zz, vv)
+        return lambda zz, vv: calibrator(zz, None if scalar else vv)
 
     return calibrate
 
@@ -203,6 +211,7 @@ ARMS: dict[str, Calibrate | None] = {
     "CA, balanced (authors' weights)": _per_sample("ca", weighting="balanced"),
     "CA, split weights": _per_sample("ca", weighting="split"),
     "CA, no weights": _per_sample("ca", weighting="none"),
+    "CA, balanced, one scalar T (no views)": _per_sample("ca", scalar=True, lr=1e-2),
     "CA, balanced + early stopping": _per_sample(
         "ca", weighting="balanced", epochs=400, max_steps=None, holdout_fraction=0.25, patience=10
     ),
@@ -357,6 +366,7 @@ def reading(results: dict[str, list[dict]]) -> str:
         for arm in (
             "CA, balanced (authors' weights)",
             "CA, no weights",
+            "CA, balanced, one scalar T (no views)",
             "CA, balanced + early stopping on held-out NLL",
             "isotonic regression",
         ):
@@ -376,6 +386,18 @@ def reading(results: dict[str, list[dict]]) -> str:
             f"- `{regime}` classifier ({100 * min(errors):.0f}-{100 * max(errors):.0f}% of the "
             "calibration split wrong): " + "; ".join(parts) + "."
         )
+    scalar = []
+    for regime, runs in results.items():
+        pair = [
+            _paired(runs, "CA, balanced, one scalar T (no views)", w)[0] for w in ("id", "shifted")
+        ]
+        scalar.append(f"`{regime}`: {pair[0]:+.3f} in distribution, {pair[1]:+.3f} shifted")
+    lines.append(
+        "\nThe views: the same loss on ONE scalar temperature, without the views, against TS: "
+        + "; ".join(scalar)
+        + ". Read beside the per-sample calibrator's rows: where they match, the shift advantage "
+        "on digits comes from the weights' built-in under-confidence, not from the views."
+    )
     lines.append(
         "\nWhy: the class-balance weights (1 - a on correct samples, a on wrong ones, a the "
         "batch accuracy) move the CA loss's minimiser for a sample that is correct with "
