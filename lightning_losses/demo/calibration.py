@@ -113,7 +113,7 @@ def tasks(out_dir: Path, quick: bool = False) -> list[Task]:
             },
             cost=_COSTS[name],
             after="classifier",
-        )  # fmt: skip
+        )
         for seed in seeds
         for name in CALIBRATORS
     ]

@@ -207,7 +207,7 @@ def tasks(out_dir: Path, quick: bool = False) -> list[Task]:
             distill_arm,
             {"framework": framework, "el": el, "quick": quick},
             cost=_COSTS[framework + ("+EL" if el else "")],
-        )  # fmt: skip
+        )
         for framework, el in ARMS
     ]
     teacher = Task("distillation", "teacher", teacher_reference, {"fid_samples": fid_samples},

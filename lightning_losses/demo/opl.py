@@ -105,7 +105,7 @@ def tasks(out_dir: Path, quick: bool = False, config: Path = CONFIG) -> list[Tas
                 "geometry": noise > 0 and seed == seeds[0],
             },
             cost=17.0,
-        )  # fmt: skip
+        )
         for noise in noise_rates
         for seed in seeds
         for arm in ARMS
