@@ -10,7 +10,9 @@ from lightning_losses.losses.calibration import (
     calibration_cross_entropy,
     calibration_mse,
     correctness_aware_loss,
+    correctness_aware_objective,
     correctness_weights,
+    tempered_confidence,
 )
 from lightning_losses.losses.consistency import (
     ConsistencyLossOutput,
@@ -79,6 +81,8 @@ __all__ = [
     "calibration_cross_entropy",
     "calibration_mse",
     "correctness_aware_loss",
+    "correctness_aware_objective",
+    "tempered_confidence",
     "correctness_weights",
     "EmbeddingLoss",
     "EmbeddingLossOutput",
