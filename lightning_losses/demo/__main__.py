@@ -25,7 +25,7 @@ def _cores() -> int:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lightning_losses.demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--quick", action="store_true", help="a smoke run in about a minute")
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
