@@ -232,17 +232,18 @@ _SIGMA_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("sigma_chec
 
 @contextlib.contextmanager
 def trusted_sigmas() -> Iterator[None]:
-    """Within this block, :class:`UNetPrecond` does not read tensor sigmas back to the host.
-
-    For callers whose noise levels come from a table already checked to lie in
-    ``[sigma_min, sigma_max]`` (the distillation and teacher modules' training steps): the check
-    of every tensor sigma is one device synchronisation per denoiser call.
-    """
+    """Within this block tensor sigmas are not read back to the host (one device synchronisation
+    per denoiser call): for callers whose levels come from a checked table (the modules' steps)."""
     token = _SIGMA_CHECKS.set(False)
     try:
         yield
     finally:
         _SIGMA_CHECKS.reset(token)
+
+
+def sigma_checks_enabled() -> bool:
+    """False inside :func:`trusted_sigmas`."""
+    return _SIGMA_CHECKS.get()
 
 
 class UNetPrecond(Denoiser):
@@ -323,7 +324,7 @@ class UNetPrecond(Denoiser):
     def check_sigma(self, sigma: float | Tensor) -> None:
         """Raise ValueError unless every noise level is finite and > 0 (one host read)."""
         if isinstance(sigma, Tensor):
-            if not _SIGMA_CHECKS.get() or sigma.numel() == 0:
+            if not sigma_checks_enabled() or sigma.numel() == 0:
                 return
             ok = bool(torch.logical_and(sigma > 0, sigma.isfinite()).all())
         else:

@@ -18,11 +18,32 @@ class ManualSteps:
     """
 
     _standalone_optimizers: list[Any] | None = None
+    _host_counts: dict[str, int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_standalone_optimizers"] = None
         return state
+
+    def host_count(self, name: str) -> int:
+        """The int64 counter buffer ``name``, read once and then kept on the host (a read of a
+        device buffer is a synchronisation); :meth:`advance` keeps both in step."""
+        if self._host_counts is None:
+            self._host_counts = {}
+        if name not in self._host_counts:
+            self._host_counts[name] = int(getattr(self, name))
+        return self._host_counts[name]
+
+    def advance(self, name: str) -> int:
+        """Add 1 to the counter buffer ``name`` (on its device, no read) and to its host copy."""
+        count = self.host_count(name) + 1
+        getattr(self, name).add_(1)
+        self._host_counts[name] = count
+        return count
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._host_counts = None  # the counters come from the checkpoint
+        return super().load_state_dict(*args, **kwargs)
 
     def step_optimizers(self) -> list[Any]:
         """The optimizers: the Trainer's, or without one :meth:`configure_optimizers`'s."""

@@ -21,12 +21,11 @@ class SeededNoise:
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_rng"] = None  # re-seeded at the start of fit, per process
-        state["_standalone_optimizers"] = None
         return state
 
-    def step_counters(self) -> tuple[int, int]:
-        """``(fake_steps, generator_steps)``; no fake denoiser here: ``(0, generator_steps)``."""
-        return (0, int(self.generator_steps))
+    def step_counters(self) -> tuple[int, ...]:
+        """The counters that enter the default seed."""
+        raise NotImplementedError
 
     def seed_noise(self, seed: int | None = None) -> None:
         """(Re)seed the module's noise generator on its device; default seed: a function of

@@ -293,7 +293,7 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
 
     def step_counters(self) -> tuple[int, int]:
         """``(fake_steps, generator_steps)``; no fake denoiser here: ``(0, generator_steps)``."""
-        return (0, int(self.generator_steps))
+        return (0, self.host_count("generator_steps"))
 
     def sample_labels(self, n: int) -> Tensor | None:
         """Uniform class labels for ``n`` generated samples (None when unconditional)."""
@@ -465,7 +465,7 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
         self, x: Tensor | None, real: RealBatch, class_labels: Tensor | None
     ) -> dict[str, Tensor]:
         """One generator step on samples x; returns its logs."""
-        step = int(self.generator_steps)
+        step = self.host_count("generator_steps")
         for term in self.supplementary_losses:
             term.on_generator_step(step)
         due = bool(self.log_grad_norm_every) and step % self.log_grad_norm_every == 0
@@ -477,7 +477,7 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
             **objective.logs,
         }
         self.optimizer_step(self.step_optimizers()[0], objective.loss, self.grad_clip)
-        self.generator_steps += 1
+        self.advance("generator_steps")
         if self.generator_ema is not None:
             self.update_ema()
         logs["train/generator_steps"] = self.generator_steps.detach().float()

@@ -82,11 +82,11 @@ class ScoreDistillation(OneStepDistillation):
         return True
 
     def step_counters(self) -> tuple[int, int]:
-        return (int(self.fake_steps), int(self.generator_steps))
+        return (self.host_count("fake_steps"), self.host_count("generator_steps"))
 
     def is_generator_step(self) -> bool:
         """``(fake_steps + 1) % fake_updates_per_generator == 0``."""
-        return (int(self.fake_steps) + 1) % self.fake_updates_per_generator == 0
+        return (self.host_count("fake_steps") + 1) % self.fake_updates_per_generator == 0
 
     def sample_fake_sigma(self, n: int) -> Tensor:
         """``(n,)`` noise levels at which the fake denoiser is trained."""
@@ -124,7 +124,8 @@ class ScoreDistillation(OneStepDistillation):
         sigma = self.sample_fake_sigma(x.shape[0]).to(device=x.device, dtype=torch.float32)
         noisy = x + sigma.view(-1, 1, 1, 1) * self.randn(*x.shape)
         denoised = self.fake_denoiser(noisy, sigma, class_labels)
-        return fake_denoiser_loss(denoised, x, sigma, self.sigma_data)
+        # the levels come from the module's checked table: no host read for them
+        return fake_denoiser_loss(denoised, x, sigma, self.sigma_data, check_sigma=False)
 
     def after_generator_step(
         self, x: Tensor | None, real: RealBatch, class_labels: Tensor | None
@@ -141,7 +142,7 @@ class ScoreDistillation(OneStepDistillation):
                 loss = loss + extra[0]
                 logs.update(extra[1])
         self.optimizer_step(self.step_optimizers()[1], loss, self.fake_grad_clip)
-        self.fake_steps += 1
+        self.advance("fake_steps")
         return logs
 
     def configure_optimizers(self) -> Any:
