@@ -228,3 +228,34 @@ def test_gan_config_fits_through_the_cli_and_reloads_without_arguments(tmp_path)
     assert any(k.startswith("supplementary_losses.0.head.") for k in saved["state_dict"])
     for key, value in saved["state_dict"].items():
         assert torch.equal(state[key], value), key
+
+
+class SameGenerator(L.Callback):
+    """Under DDP: one automatic weight on every rank, so the generators stay identical."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        total = torch.stack([p.detach().double().sum() for p in pl_module.generator.parameters()])
+        gathered = trainer.strategy.all_gather(total.sum())
+        assert torch.equal(gathered[0], gathered[1]), gathered
+
+
+@pytest.mark.ddp
+def test_regression_with_an_automatic_weight_under_ddp(tmp_path):
+    teacher = tiny_teacher()
+    path, _ = pairs_file(tmp_path, teacher)
+    L.seed_everything(0)
+    model = DMDDistillation(
+        teacher=teacher,
+        fake_updates_per_generator=1,
+        supplementary_losses=[RegressionSupplement(path, 0.5, "auto", batch_size=4)],
+    )
+    trainer = quiet_trainer(
+        devices=2,
+        strategy="ddp_spawn_find_unused_parameters_true",
+        max_epochs=1,
+        callbacks=[SameGenerator()],
+    )
+    trainer.fit(model, TinyImages(num=16, batch_size=4))
+    assert int(model.generator_steps) == 2
+    ratio = float(trainer.callback_metrics["train/grad_norm_ratio_regression"])
+    assert math.isnan(ratio) or ratio == pytest.approx(0.5, rel=1e-4)  # NaN: a zero DMD step
