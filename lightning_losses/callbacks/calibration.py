@@ -9,10 +9,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_losses.callbacks._hooks import SplitHooks, output_dir
 from lightning_losses.losses.opl import all_gather_rows
 
 
-class CalibrationCallback(L.Callback):
+class CalibrationCallback(SplitHooks):
     """Logs ``<stage>/ece``, ``ece25``, ``adaptive_ece``, ``classwise_ece``, ``nll``, ``brier``,
     ``auroc`` on validation and test, and saves reliability diagrams as PNG.
 
@@ -50,7 +51,10 @@ class CalibrationCallback(L.Callback):
             self.metrics[stage] = calibration_collection(num_classes)
         return self.metrics[stage].to(pl_module.device)
 
-    def _update(self, stage: str, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
+    def _reset(self) -> None:
+        self._probs, self._labels = [], []
+
+    def _collect(self, stage: str, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
         if isinstance(outputs, dict) and "logits" in outputs and "labels" in outputs:
             logits, labels = outputs["logits"], outputs["labels"]
         else:
@@ -75,53 +79,14 @@ class CalibrationCallback(L.Callback):
             labels = all_gather_rows(torch.cat(self._labels))
             if trainer.is_global_zero:
                 self._save_diagram(trainer, stage, probs, labels)
-        self._probs, self._labels = [], []
+        self._reset()
 
     def _save_diagram(self, trainer: L.Trainer, stage: str, probs: Tensor, labels: Tensor) -> None:
         from lightning_losses.metrics import reliability_diagram
 
-        root = Path(
-            self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "reliability"
-        )
-        root.mkdir(parents=True, exist_ok=True)
-        path = root / f"{stage}_epoch{trainer.current_epoch:03d}.png"
+        name = f"{stage}_epoch{trainer.current_epoch:03d}.png"
+        path = output_dir(trainer, self.dirpath, "reliability") / name
         title = f"{stage}, epoch {trainer.current_epoch}"
         figure = reliability_diagram(probs.cpu(), labels.cpu(), self.n_bins, title=title)
         figure.savefig(path, dpi=110)
         self.saved.append(path)
-
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._probs, self._labels = [], []
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._probs, self._labels = [], []
-
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not trainer.sanity_checking:
-            self._update("val", pl_module, outputs, batch)
-
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._update("test", pl_module, outputs, batch)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._finish("val", trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish("test", trainer, pl_module)

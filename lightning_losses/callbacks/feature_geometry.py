@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_losses.callbacks._hooks import SplitHooks, output_dir
 from lightning_losses.losses.opl import all_gather_rows, pair_sums
 
 
@@ -26,7 +27,7 @@ def cosine_geometry(features: Tensor, labels: Tensor) -> dict[str, float]:
     return {"intra_cos": intra, "inter_cos": inter, "cos_gap": intra - inter}
 
 
-class FeatureGeometryCallback(L.Callback):
+class FeatureGeometryCallback(SplitHooks):
     """Logs ``<stage>/intra_cos``, ``<stage>/inter_cos`` and ``<stage>/cos_gap`` for val and test.
 
     Reads the ``"features"`` and ``"labels"`` that the module's ``validation_step`` /
@@ -56,12 +57,12 @@ class FeatureGeometryCallback(L.Callback):
     def _reset(self) -> None:
         self._features, self._labels = [], []
 
-    def _collect(self, outputs: Any) -> None:
+    def _collect(self, stage: str, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
         if isinstance(outputs, dict) and "features" in outputs and "labels" in outputs:
             self._features.append(outputs["features"].detach())
             self._labels.append(outputs["labels"].detach())
 
-    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _finish(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._features:
             return
         features = all_gather_rows(torch.cat(self._features))
@@ -76,14 +77,8 @@ class FeatureGeometryCallback(L.Callback):
             stage == "test" or (epoch + 1) % self.plot_every_n_epochs == 0
         )
         if wants_plot and trainer.is_global_zero:
-            self.plot(features, labels, self._plot_path(trainer, f"{stage}_epoch{epoch:03d}.png"))
-
-    def _plot_path(self, trainer: L.Trainer, name: str) -> Path:
-        root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir))
-        if self.dirpath is None:
-            root = root / "feature_geometry"
-        root.mkdir(parents=True, exist_ok=True)
-        return root / name
+            root = output_dir(trainer, self.dirpath, "feature_geometry")
+            self.plot(features, labels, root / f"{stage}_epoch{epoch:03d}.png")
 
     def plot(self, features: Tensor, labels: Tensor, path: Path) -> Path:
         """Scatter the first two principal components of the normalised features."""
@@ -106,39 +101,3 @@ class FeatureGeometryCallback(L.Callback):
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
-
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reset()
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._reset()
-
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not trainer.sanity_checking:
-            self._collect(outputs)
-
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._collect(outputs)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._finish(trainer, pl_module, "val")
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish(trainer, pl_module, "test")

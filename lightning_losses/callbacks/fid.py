@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_losses.callbacks._hooks import StepScheduleHooks, generation_step
 from lightning_losses.diffusion.batches import split_real_batch
 from lightning_losses.diffusion.checks import RANGE_TOLERANCE
 from lightning_losses.metrics.digits_fid import (
@@ -152,15 +153,6 @@ def inception_features(feature: int = 2048, weights_path: str | None = None) -> 
     return FIDFeatures(InceptionOnImages(inception), feature)
 
 
-def generation_step(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-    """The step evaluations count: ``pl_module.generator_steps`` when the module has that
-    buffer (the distillation modules), else ``trainer.global_step``."""
-    steps = getattr(pl_module, "generator_steps", None)
-    if isinstance(steps, Tensor) and steps.numel() == 1:
-        return int(steps)
-    return int(trainer.global_step)
-
-
 def sample_in_chunks(
     pl_module: L.LightningModule, num_samples: int, batch_size: int, seed: int
 ) -> Iterator[Tensor]:
@@ -212,7 +204,7 @@ def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be an int >= 1{extra}, got {value!r}")
 
 
-class FIDCallback(L.Callback):
+class FIDCallback(StepScheduleHooks):
     """FID of ``pl_module.sample`` against real images, every ``every_n_steps`` and at the end.
 
     **When.** After a training batch whose step (``pl_module.generator_steps`` if the module has
@@ -458,23 +450,11 @@ class FIDCallback(L.Callback):
             logger.log_metrics({self.name: value}, step=trainer.global_step)
         return value
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if self.every_n_steps is None:
-            return
-        step = generation_step(trainer, pl_module)
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        self.evaluate(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.evaluate_on_train_end and generation_step(trainer, pl_module) != self._last_step:
-            self.evaluate(trainer, pl_module)
+    def _runs_on_train_end(self) -> bool:
+        return self.evaluate_on_train_end
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "last_step": self._last_step}

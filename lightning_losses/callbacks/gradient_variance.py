@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_losses.callbacks._hooks import StepScheduleHooks, generation_step
 from lightning_losses.checks import check_int, check_positive_int
 
 __all__ = [
@@ -198,7 +199,7 @@ def generator_gradient_variance(
     return results
 
 
-class GradientVarianceCallback(L.Callback):
+class GradientVarianceCallback(StepScheduleHooks):
     """Measure :func:`generator_gradient_variance` at the end of training (and every
     ``every_n_generator_steps`` if set), fit :math:`a + b / B` per objective, log and keep it.
 
@@ -229,13 +230,15 @@ class GradientVarianceCallback(L.Callback):
             raise ValueError(f"batch_sizes needs two distinct sizes, got {list(batch_sizes)}")
         self.num_batches = check_int(num_batches, "num_batches", minimum=2)
         self.num_real = check_int(num_real, "num_real", minimum=max(self.batch_sizes))
-        self.every = None
+        self.every_n_steps = None
         if every_n_generator_steps is not None:
-            self.every = check_positive_int(every_n_generator_steps, "every_n_generator_steps")
+            self.every_n_steps = check_positive_int(
+                every_n_generator_steps, "every_n_generator_steps"
+            )
         self.seed = check_int(seed, "seed")
         self.history: list[dict[str, Any]] = []
         self._real: tuple[Tensor, Tensor | None] | None = None
-        self._last_step = -1
+        self._last_step = None
 
     def _real_pool(self, trainer: L.Trainer) -> tuple[Tensor, Tensor | None]:
         if self._real is None:
@@ -272,7 +275,7 @@ class GradientVarianceCallback(L.Callback):
             name: fit_variance_floor(list(by_size), list(by_size.values()))
             for name, by_size in variances.items()
         }
-        step = int(getattr(pl_module, "generator_steps", trainer.global_step))
+        step = generation_step(trainer, pl_module)
         record = {"step": step, "variances": variances, "floors": floors}
         self.history.append(record)
         metrics = {
@@ -287,16 +290,5 @@ class GradientVarianceCallback(L.Callback):
         rank_zero_info(f"gradient variance at generator step {step}: {summary}")
         return record
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
-    ) -> None:
-        step = int(getattr(pl_module, "generator_steps", trainer.global_step))
-        if self.every and step > 0 and step % self.every == 0 and step != self._last_step:
-            self._last_step = step
-            self.measure(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = int(getattr(pl_module, "generator_steps", trainer.global_step))
-        if step != self._last_step:
-            self._last_step = step
-            self.measure(trainer, pl_module)
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        self.measure(trainer, pl_module)

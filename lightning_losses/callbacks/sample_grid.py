@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 
-from lightning_losses.callbacks.fid import generation_step, sample_in_chunks
+from lightning_losses.callbacks._hooks import StepScheduleHooks
+from lightning_losses.callbacks.fid import sample_in_chunks
 
 __all__ = ["SampleGridCallback"]
 
 
-class SampleGridCallback(L.Callback):
+class SampleGridCallback(StepScheduleHooks):
     """Save ``num_samples`` samples of ``pl_module.sample`` as one PNG grid, from fixed noise.
 
     The noise comes from a CPU ``torch.Generator`` seeded with ``seed`` at every save, so
@@ -102,26 +102,9 @@ class SampleGridCallback(L.Callback):
         self.paths.append(path)
         return path
 
-    def _maybe_save(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        self._last_step = step
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if trainer.is_global_zero:
             self.save(pl_module, step)
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if self.every_n_steps is None:
-            return
-        step = generation_step(trainer, pl_module)
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._maybe_save(trainer, pl_module, step)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = generation_step(trainer, pl_module)
-        if self.save_on_train_end and step != self._last_step:
-            self._maybe_save(trainer, pl_module, step)
+    def _runs_on_train_end(self) -> bool:
+        return self.save_on_train_end
