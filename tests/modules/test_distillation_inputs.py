@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_losses.diffusion import EDMPrecond, load_denoiser, unet_for_images
+from lightning_losses.diffusion import EDMPrecond, load_denoiser
 from lightning_losses.diffusion.checks import check_diffusion_images
 from lightning_losses.modules import (
     ConsistencyDistillation,
@@ -21,11 +21,7 @@ from lightning_losses.modules import (
     DMDDistillation,
 )
 from tests.fakes import quiet_trainer
-
-
-def tiny_teacher() -> EDMPrecond:
-    torch.manual_seed(0)
-    return EDMPrecond(unet_for_images(1, 8, (8, 16))).eval()
+from tests.fakes import tiny_edm_teacher as tiny_teacher
 
 
 class Images(L.LightningDataModule):

@@ -14,7 +14,6 @@ from lightning_losses.diffusion import (
     EDMPrecond,
     make_teacher_pairs,
     save_teacher_pairs,
-    unet_for_images,
 )
 from lightning_losses.modules import (
     ConsistencyDistillation,
@@ -24,12 +23,8 @@ from lightning_losses.modules import (
     RegressionSupplement,
 )
 from tests.fakes import quiet_trainer
+from tests.fakes import tiny_edm_teacher as tiny_teacher
 from tests.modules.test_distillation import TinyImages
-
-
-def tiny_teacher(num_classes: int | None = None) -> EDMPrecond:
-    torch.manual_seed(0)
-    return EDMPrecond(unet_for_images(1, 8, (8, 16), num_classes=num_classes)).eval()
 
 
 def real_batch(n: int = 4) -> Tensor:

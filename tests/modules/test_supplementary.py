@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_losses.diffusion import EDMPrecond, unet_for_images
 from lightning_losses.modules import (
     ConsistencyDistillation,
     DMDDistillation,
@@ -16,11 +15,7 @@ from lightning_losses.modules import (
     SupplementaryLoss,
 )
 from lightning_losses.modules.ema import ema_update
-
-
-def tiny_teacher() -> EDMPrecond:
-    torch.manual_seed(0)
-    return EDMPrecond(unet_for_images(1, 8, (8, 16))).eval()
+from tests.fakes import tiny_edm_teacher as tiny_teacher
 
 
 def real_batch(n: int = 6, seed: int = 2) -> tuple[Tensor, Tensor]:
