@@ -14,7 +14,23 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_losses.checks import check_int
 from lightning_losses.datamodules.sampling import EpochSeededRandomSampler
 
-__all__ = ["ClassificationDataModule", "IndexedDataset", "TransformedSubset", "stratified_split"]
+__all__ = [
+    "ClassificationDataModule",
+    "IndexedDataset",
+    "TransformedSubset",
+    "WrapperDataModule",
+    "item_index",
+    "stratified_split",
+]
+
+
+def item_index(index: int, n: int) -> int:
+    """``index`` in ``[0, n)``, a negative one counted from the end; IndexError otherwise."""
+    if index < 0:
+        index += n
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} out of range for {n} items")
+    return index
 
 
 def stratified_split(
@@ -128,8 +144,7 @@ class ClassificationDataModule(L.LightningDataModule):
         super().__init__()
         check_int(batch_size, "batch_size", minimum=1)
         check_int(num_workers, "num_workers", minimum=0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        check_int(seed, "seed")
         if not isinstance(return_indices, bool):
             raise ValueError(f"return_indices must be a bool, got {return_indices!r}")
         self.batch_size = batch_size
@@ -187,3 +202,31 @@ class ClassificationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test loader, in data-set order."""
         return self._loader(self.test_dataset, "test", shuffle=False)
+
+
+class WrapperDataModule:
+    """Mixin of the data modules that wrap another one: checks it, keeps it as ``datamodule``,
+    and hands on its :attr:`num_classes`, :attr:`image_shape` and :meth:`prepare_data`."""
+
+    datamodule: L.LightningDataModule
+
+    def _wrap(self, datamodule: L.LightningDataModule) -> None:
+        if not isinstance(datamodule, L.LightningDataModule):
+            raise ValueError(
+                f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}"
+            )
+        self.datamodule = datamodule
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the wrapped module."""
+        return self.datamodule.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Image shape of the wrapped module."""
+        return self.datamodule.image_shape
+
+    def prepare_data(self) -> None:
+        """Delegated to the wrapped module."""
+        self.datamodule.prepare_data()

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default
 from lightning_losses.datamodules.base import (
     ClassificationDataModule,
     TransformedSubset,
+    WrapperDataModule,
     stratified_split,
 )
 from lightning_losses.datamodules.sampling import EpochSeededRandomSampler
@@ -136,7 +137,7 @@ def collate_cached(items: list[dict[str, Tensor]] | dict[str, Tensor]) -> dict[s
     return batch
 
 
-class CalibrationDataModule(ClassificationDataModule):
+class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
     """Wraps a classification data module for fitting and evaluating a post-hoc calibrator.
 
     The classifier is frozen and already trained; the calibrator is fitted on a *calibration
@@ -208,10 +209,7 @@ class CalibrationDataModule(ClassificationDataModule):
         if id_test == "heldout" and calibration_fraction >= 1.0:
             raise ValueError("id_test='heldout' needs calibration_fraction < 1")
         self.id_test = id_test
-        if not isinstance(datamodule, L.LightningDataModule):
-            raise ValueError(
-                f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}"
-            )
+        self._wrap(datamodule)
         for attribute in ("num_classes", "image_shape"):
             if not hasattr(type(datamodule), attribute) and not hasattr(datamodule, attribute):
                 raise ValueError(f"datamodule must expose {attribute}")
@@ -260,7 +258,6 @@ class CalibrationDataModule(ClassificationDataModule):
                     f"{type(dataset).__name__}"
                 )
         self.save_hyperparameters(ignore=["datamodule", "view_transforms", "ood_datasets"])
-        self.datamodule = datamodule
         self.calibration_fraction = float(calibration_fraction)
         self.views = views
         self.view_transforms = view_transforms
@@ -272,16 +269,6 @@ class CalibrationDataModule(ClassificationDataModule):
         self.test_datasets: list[Dataset] | None = None
         self.cached: dict[str, CachedOutputs] = {}
         self._test_set_names = ["id", *shift_names, *ood_datasets]
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes of the wrapped module."""
-        return self.datamodule.num_classes
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """Image shape of the wrapped module."""
-        return self.datamodule.image_shape
 
     @property
     def num_views(self) -> int:
@@ -319,10 +306,6 @@ class CalibrationDataModule(ClassificationDataModule):
         if not self.views:
             return dataset
         return ViewsDataset(dataset, self._transforms(), seed=self.seed)
-
-    def prepare_data(self) -> None:
-        """Delegated to the wrapped module."""
-        self.datamodule.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
         """Set up the wrapped module and build the calibration split and / or the test sets.

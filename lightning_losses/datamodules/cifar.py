@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
+from lightning_losses.checks import check_int
 from lightning_losses.datamodules.base import (
     ClassificationDataModule,
     TransformedSubset,
@@ -70,8 +71,7 @@ class CIFARDataModule(ClassificationDataModule):
             seed=seed,
             return_indices=return_indices,
         )
-        if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
-            raise ValueError(f"val_size must be an int >= 0, got {val_size!r}")
+        check_int(val_size, "val_size", minimum=0)
         if normalize not in ("standard", "symmetric"):
             raise ValueError(f'normalize must be "standard" or "symmetric", got {normalize!r}')
         self.save_hyperparameters()

@@ -92,11 +92,8 @@ class DigitsDataModule(ClassificationDataModule):
             )
         if normalize not in _NORMALIZE:
             raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
-        if not 0.0 <= label_noise < 1.0:
-            raise ValueError(f"label_noise must be in [0, 1), got {label_noise!r}")
-        check_float(
-            val_label_noise, "val_label_noise", minimum=0.0, maximum=1.0, strict_maximum=True
-        )
+        for name, value in (("label_noise", label_noise), ("val_label_noise", val_label_noise)):
+            check_float(value, name, minimum=0.0, maximum=1.0, strict_maximum=True)
         check_choice(noise_type, "noise_type", NOISE_TYPES)
         self.save_hyperparameters()
         self.image_size = image_size

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from lightning_losses.checks import check_float, check_int
 from lightning_losses.datamodules.base import (
     ClassificationDataModule,
     TransformedSubset,
@@ -80,10 +81,8 @@ class ImageFolderDataModule(ClassificationDataModule):
             seed=seed,
             return_indices=return_indices,
         )
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
-        if not 0.0 <= val_from_train < 1.0:
-            raise ValueError(f"val_from_train must be in [0, 1), got {val_from_train!r}")
+        check_int(image_size, "image_size", minimum=1)
+        check_float(val_from_train, "val_from_train", minimum=0.0, maximum=1.0, strict_maximum=True)
         self.save_hyperparameters()
         self.root = str(root)
         self.train_dir = train_dir

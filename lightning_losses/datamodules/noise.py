@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_losses.checks import check_choice, check_float, check_int
+from lightning_losses.datamodules.base import WrapperDataModule
 
 __all__ = [
     "NOISE_TYPES",
@@ -39,8 +40,7 @@ def _check_num_classes(num_classes: int) -> None:
 
 
 def _check_seed(seed: object) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_int(seed, "seed")
 
 
 def _noise_plan(
@@ -164,7 +164,7 @@ class NoisyLabelDataset(Dataset):
         return (x, y, *rest)
 
 
-class LabelNoiseDataModule(L.LightningDataModule):
+class LabelNoiseDataModule(WrapperDataModule, L.LightningDataModule):
     """Adds label noise to the training split (and optionally the validation split) of another
     data module.
 
@@ -200,33 +200,19 @@ class LabelNoiseDataModule(L.LightningDataModule):
         val_label_noise: float = 0.0,
     ) -> None:
         super().__init__()
-        if not isinstance(datamodule, L.LightningDataModule):
-            raise ValueError(
-                f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}"
-            )
+        self._wrap(datamodule)
         if not hasattr(datamodule, "num_classes"):
             raise ValueError("datamodule must expose num_classes")
         _check_rate(rate)
         _check_rate(val_label_noise, "val_label_noise")
         _check_seed(seed)
         check_choice(noise_type, "noise_type", NOISE_TYPES)
-        self.datamodule = datamodule
         self.rate = rate
         self.seed = seed
         self.noise_type = noise_type
         self.val_label_noise = val_label_noise
         self.train_dataset: NoisyLabelDataset | None = None
         self._noisy_val: NoisyLabelDataset | None = None
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes of the wrapped module."""
-        return self.datamodule.num_classes
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """Image shape of the wrapped module."""
-        return self.datamodule.image_shape
 
     @property
     def val_dataset(self) -> Dataset | None:
@@ -248,9 +234,6 @@ class LabelNoiseDataModule(L.LightningDataModule):
     def clean_val_dataset(self) -> Dataset | None:
         """The wrapped module's validation data set, with its clean labels."""
         return getattr(self.datamodule, "val_dataset", None)
-
-    def prepare_data(self) -> None:
-        self.datamodule.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
         self.datamodule.trainer = self.trainer

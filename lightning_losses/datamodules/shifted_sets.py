@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_losses.datamodules.base import item_index
+
 __all__ = [
     "CIFAR10C_CORRUPTIONS",
     "CIFAR10CDataset",
@@ -178,11 +180,7 @@ class CIFAR10CDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         from PIL import Image
 
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {n} items")
+        index = item_index(index, len(self))
         if self._images is None:
             self._images = self._load()
         image = Image.fromarray(np.array(self._images[self.start + index]))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_losses.datamodules.base import item_index
 from lightning_losses.datamodules.shifted_sets import (  # re-exported: they lived here
     CIFAR10C_CORRUPTIONS,
     SEVERITIES,
@@ -254,11 +255,7 @@ class CorruptedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Any]:
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {n} items")
+        index = item_index(index, len(self))
         image, label = self.dataset[index]
         generator = torch.Generator().manual_seed(mix_seed(self.seed, index))
         return CORRUPTIONS[self.corruption](image, self.severity, generator), label

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_losses.checks import check_int
+from lightning_losses.datamodules.base import item_index
 
 __all__ = [
     "Denormalized",
@@ -260,10 +261,6 @@ class ViewsDataset(Dataset):
         return torch.stack(out)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Any]:
-        n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {n} items")
+        index = item_index(index, len(self))
         image, label = self.dataset[index]
         return image, self.views(image, index), label
