@@ -45,6 +45,7 @@ Prints markdown and (unless ``--no-publish``) writes its section into docs/RESUL
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -81,7 +82,8 @@ from lightning_losses.nets import (
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import markdown_table, publish  # noqa: E402
+from harness import markdown_table, paired_interval, publish  # noqa: E402
+from harness import verdict as _verdict  # noqa: E402
 
 SHIFTS = ("rotation", "gaussian_noise", "gaussian_blur", "contrast")
 SEVERITY = 3
@@ -283,22 +285,14 @@ def run_one(images: Tensor, labels: Tensor, seed: int, regime: str) -> dict:
 
 
 def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): a t-based 95% interval of the mean."""
-    from scipy.stats import t
-
-    x = np.asarray(values, dtype=np.float64)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, math.nan, math.nan
-    half = float(t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return mean, mean - half, mean + half
+    """(mean, low, high): :func:`harness.paired_interval` at 95%; NaN bounds below 2 values."""
+    if len(values) < 2:
+        return float(np.mean(values)), math.nan, math.nan
+    return paired_interval(values)
 
 
-def verdict(low: float, high: float, lower_is_better: bool = True) -> str:
-    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
-        return "no detectable difference"
-    better = high < 0 if lower_is_better else low > 0
-    return "helps" if better else "hurts"
+#: :func:`harness.verdict` with lower (ECE) better.
+verdict = functools.partial(_verdict, lower_is_better=True)
 
 
 def regime_tables(runs: list[dict], regime: str) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import publish  # noqa: E402
+from harness import paired_interval, publish, verdict  # noqa: E402
 
 #: arm -> config stem
 ARMS = {"CE": "ce", "CE+OPL": "ce_opl", "TL": "tl", "TL+OPL": "tl_opl"}
@@ -74,32 +73,6 @@ def select(history: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     return {
         key: {"epoch": e, "test": test[e], "memorised": memorised[e]} for key, e in epochs.items()
     }
-
-
-def t_quantile(p: float, dof: int) -> float:
-    """Student-t quantile (scipy, which scikit-learn already needs)."""
-    from scipy.stats import t
-
-    return float(t.ppf(p, dof))
-
-
-def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of paired differences and its two-sided t-interval ``(mean, low, high)``."""
-    n = len(diffs)
-    if n < 2:
-        raise ValueError(f"a t-interval needs at least 2 paired differences, got {n}")
-    mean = statistics.fmean(diffs)
-    half = t_quantile(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-def verdict(low: float, high: float) -> str:
-    """ "helps" / "hurts" when the interval excludes 0, else "no detectable difference"."""
-    if low > 0:
-        return "helps"
-    if high < 0:
-        return "hurts"
-    return "no detectable difference"
 
 
 def memorised_share(predictions: list[int], noisy: list[int], flipped: list[bool]) -> float:
