@@ -234,36 +234,65 @@ def _seconds(value: float) -> str:
 
 
 def speed_table(rows: list[dict], steps: int, batch_size: int) -> str:
-    lines = [
-        "| N | C | TS `fit_temperature`: s / fit | LBFGS iterations | NLL evaluations | "
-        f"ms / evaluation | CA calibrator: s / fit ({steps} Adam steps, batch {batch_size}) | "
-        "ms / step |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    headers = [
+        "N",
+        "C",
+        "TS `fit_temperature`: s / fit",
+        "LBFGS iterations",
+        "NLL evaluations",
+        "ms / evaluation",
+        f"CA calibrator: s / fit ({steps} Adam steps, batch {batch_size})",
+        "ms / step",
     ]
-    for row in rows:
-        ts, ca = row["ts"], row["ca"]
-        lines.append(
-            f"| {row['n']:,} | {row['c']:,} | {_seconds(ts['fit_s'])} | {ts['iterations']} | "
-            f"{ts['evaluations']} | {ts['eval_ms']:.1f} | {_seconds(ca['fit_s'])} | "
-            f"{ca['step_ms']:.2f} |"
-        )
-    return "\n".join(lines)
+    cells = [
+        [
+            f"{row['n']:,}",
+            f"{row['c']:,}",
+            _seconds(row["ts"]["fit_s"]),
+            row["ts"]["iterations"],
+            row["ts"]["evaluations"],
+            f"{row['ts']['eval_ms']:.1f}",
+            _seconds(row["ca"]["fit_s"]),
+            f"{row['ca']['step_ms']:.2f}",
+        ]
+        for row in rows
+    ]
+    return markdown_table(headers, cells).rstrip("\n")
 
 
 def planted_table(rows: list[dict]) -> str:
-    lines = [
-        "| N | C | accuracy | planted T | strong-Wolfe T | its NLL | s / fit | authors' "
-        "LBFGS T | its NLL | s / fit | their NLL evaluations |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    headers = [
+        "N",
+        "C",
+        "accuracy",
+        "planted T",
+        "strong-Wolfe T",
+        "its NLL",
+        "s / fit",
+        "authors' LBFGS T",
+        "its NLL",
+        "s / fit",
+        "their NLL evaluations",
     ]
+    cells = []
     for row in rows:
         ts, authors = row["ts"], row["authors"]
-        lines.append(
-            f"| {row['n']:,} | {row['c']:,} | {row['accuracy']:.3f} | {PLANTED_T} | "
-            f"{ts['t']:.3f} | {ts['nll']:.4f} | {_seconds(ts['fit_s'])} | {authors['t']:.3f} | "
-            f"{authors['nll']:.4f} | {_seconds(authors['fit_s'])} | {authors['evaluations']} |"
+        cells.append(
+            [
+                f"{row['n']:,}",
+                f"{row['c']:,}",
+                f"{row['accuracy']:.3f}",
+                PLANTED_T,
+                f"{ts['t']:.3f}",
+                f"{ts['nll']:.4f}",
+                _seconds(ts["fit_s"]),
+                f"{authors['t']:.3f}",
+                f"{authors['nll']:.4f}",
+                _seconds(authors["fit_s"]),
+                authors["evaluations"],
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(headers, cells).rstrip("\n")
 
 
 # --------------------------------------------------------------------------------------------

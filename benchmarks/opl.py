@@ -334,11 +334,6 @@ def _iqr(values: list[float]) -> float:
     return q[2] - q[0]
 
 
-def _iqr(values: list[float]) -> float:
-    q = statistics.quantiles(values, n=4)
-    return q[2] - q[0]
-
-
 def step_table(result: dict) -> str:
     lo, hi = result["paired_ci"]
     t_ce, overhead = result["t_ce"], result["overhead"]
