@@ -262,7 +262,7 @@ def compare(results: dict[str, list[dict]], total: int, reference: str) -> list[
 def run_part(part: str, args: argparse.Namespace, steps: dict[str, int]) -> str:
     """``--part supplements | batch | equal-share | di-auto | variance``: run it, return the
     markdown (also written to ``<out>/<part>.md``, the runs to ``<out>/<part>.json``)."""
-    from lightning_losses.callbacks import fit_variance_floor, generator_gradient_variance
+    from lightning_losses.callbacks import generator_gradient_variance
 
     frameworks = {"supplements": ["DMD", "DI"], "variance": ["DMD"], "batch": ["DMD"],
                   "equal-share": ["DMD"], "di-auto": ["DI"]}[part]  # fmt: skip
@@ -277,7 +277,7 @@ def run_part(part: str, args: argparse.Namespace, steps: dict[str, int]) -> str:
                           for b in args.batch_sizes for el in (False, True)},
     }  # fmt: skip
     real = real_digits() if part == "variance" else None
-    sections, saved = [], {}
+    saved: dict[str, Any] = {"seeds": list(args.seeds), "samples": args.samples}
     for framework in frameworks:
         total = steps[framework]
         every = max(1, total // 10)
@@ -296,28 +296,59 @@ def run_part(part: str, args: argparse.Namespace, steps: dict[str, int]) -> str:
                 results.setdefault(name, []).append(r)
                 print(f"{part} {framework} {name} seed {seed}: {r['fid']:.3f} "
                       f"({r['seconds']:.0f} s)", flush=True)  # fmt: skip
-        saved[framework] = {"runs": results, "variances": variances}
-        head = f"{framework}, {total} generator steps, seeds {args.seeds}, {args.samples} samples."
-        if part == "variance":
-            lines = ["| arm | objective | V(16) | V(64) | V(256) | floor a (mean ± std over "
-                     "seeds) | b |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        saved[framework] = {"steps": total, "runs": results, "variances": variances}
+    (args.out / f"{part}.json").write_text(json.dumps(saved, indent=1, default=str))
+    return part_tables(part, saved, args.out)
+
+
+def merge_parts(part: str, folders: list[Path]) -> dict[str, Any]:
+    """One ``<part>.json`` from runs of the same part with different seeds (seed order kept)."""
+    merged: dict[str, Any] = {"seeds": [], "samples": None}
+    for folder in folders:
+        saved = json.loads((folder / f"{part}.json").read_text())
+        merged["seeds"] += saved.pop("seeds")
+        merged["samples"] = saved.pop("samples")
+        for framework, block in saved.items():
+            target = merged.setdefault(framework, {"steps": block["steps"], "runs": {},
+                                                   "variances": {}})  # fmt: skip
+            if target["steps"] != block["steps"]:
+                raise ValueError(f"{folder}: {framework} ran another number of steps")
+            for key in ("runs", "variances"):
+                for name, rows in block[key].items():
+                    target[key].setdefault(name, []).extend(rows)
+    return merged
+
+
+def part_tables(part: str, saved: dict[str, Any], out: Path) -> str:
+    """The markdown of a part's runs (written to ``<out>/<part>.md``)."""
+    from lightning_losses.callbacks import fit_variance_floor
+
+    sections = []
+    for framework, block in saved.items():
+        if framework in ("seeds", "samples"):
+            continue
+        total, results, variances = block["steps"], block["runs"], block["variances"]
+        head = (f"{framework}, {total} generator steps, seeds {saved['seeds']}, "
+                f"{saved['samples']} samples per digits-FID.")  # fmt: skip
+        lines = compare(results, total, next(iter(results)))
+        if variances:
+            lines += ["", "| arm | objective | V(16) | V(64) | V(256) | floor a (mean ± std "
+                      "over seeds) | b |", "|---|---|---|---|---|---|---|"]  # fmt: skip
             for name, per_seed in variances.items():
                 for objective in per_seed[0]:
-                    by = [v[objective] for v in per_seed]
+                    by = [{int(b): v for b, v in d[objective].items()} for d in per_seed]
                     fits = [fit_variance_floor(list(d), list(d.values())) for d in by]
                     cells = [f"{statistics.mean(d[b] for d in by):.3g}" for b in (16, 64, 256)]
+                    floors = [f.floor for f in fits]
+                    spread = statistics.stdev(floors) if len(floors) > 1 else 0.0
                     lines.append(
                         f"| {name} | {objective} | {' | '.join(cells)} | "
-                        f"{mean_std([f.floor for f in fits])} | "
+                        f"{statistics.mean(floors):.3g} ± {spread:.2g} | "
                         f"{statistics.mean(f.slope for f in fits):.3g} |"
                     )
-        else:
-            reference = next(iter(results))
-            lines = compare(results, total, reference)
         sections.append(head + "\n\n" + "\n".join(lines))
-    (args.out / f"{part}.json").write_text(json.dumps(saved, indent=1, default=str))
     table = "\n\n".join(sections)
-    (args.out / f"{part}.md").write_text(table + "\n")
+    (out / f"{part}.md").write_text(table + "\n")
     return table
 
 
@@ -382,6 +413,13 @@ def main(argv: list[str] | None = None) -> None:
     parts = ["main", "ablation", "supplements", "batch", "equal-share", "di-auto", "variance"]
     parser.add_argument("--part", choices=parts, default=None, help="one part of the study")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="with --part: merge <part>.json of these folders (runs of other seeds) into --out",
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps, 500 samples")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README)")
     parser.add_argument(
@@ -410,7 +448,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.part not in (None, "main", "ablation"):
         if args.quick:
             args.batch_sizes = args.batch_sizes[:2]
-        table = run_part(args.part, args, {f: args.steps or STEPS[f] for f in STEPS})
+        if args.merge:
+            saved = merge_parts(args.part, args.merge)
+            (args.out / f"{args.part}.json").write_text(json.dumps(saved, indent=1))
+            table = part_tables(args.part, saved, args.out)
+        else:
+            table = run_part(args.part, args, {f: args.steps or STEPS[f] for f in STEPS})
     elif args.ablation:
         every = max(1, steps["DMD"] // 10)
         results: dict[str, list[dict]] = {}
