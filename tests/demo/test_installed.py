@@ -3,7 +3,8 @@
 ``pip wheel . --no-deps`` builds the wheel from a copy of the source tree (so no ``build/``
 folder lands in the checkout); it is installed into a fresh venv that reuses this environment's
 packages (a ``.pth`` line naming its site-packages: ``--system-site-packages`` of a venv made
-from a venv reaches the base interpreter's, not the venv's) and runs the quick OPL part.
+from a venv reaches the base interpreter's, not the venv's) and runs the quick OPL part in two
+worker processes; one more installed process checks two of its runs against ``--jobs 1``.
 """
 
 from __future__ import annotations
@@ -57,36 +58,70 @@ def installed(tmp_path_factory) -> Path:
     return python
 
 
-def test_the_wheel_ships_the_configs_and_the_package_resolves_them(installed, tmp_path):
-    code = (
-        "import json, lightning_losses, lightning_losses.cli as cli; "
-        "config = cli.packaged_config('opl/digits.yaml'); "
-        "print(json.dumps([lightning_losses.__file__, str(config)]))"
-    )
-    package, config = json.loads(_run([str(installed), "-c", code], tmp_path).stdout)
+# In the installed interpreter, in one process: where the package and its config resolve, and
+# two of the demo's OPL tasks (one per arm and noise rate) run in order, as ``--jobs 1`` runs them.
+_IN_PROCESS = """
+import json, sys
+from pathlib import Path
+import lightning_losses
+from lightning_losses.cli import packaged_config
+from lightning_losses.demo import opl, part_results, run_tasks
+tasks = [t for t in opl.tasks(Path("serial"), quick=True) if t.key in sys.argv[1:]]
+outcomes = part_results(run_tasks(tasks, jobs=1), "opl")
+drop = ("pca", "labels")
+kept = {key: {k: v for k, v in o.items() if k not in drop} for key, o in outcomes.items()}
+print(json.dumps([lightning_losses.__file__, str(packaged_config("opl/digits.yaml")), kept]))
+"""
+SERIAL_TASKS = ("0.0/CE/0", "0.4/CE+OPL/0")
+
+
+@pytest.fixture(scope="module")
+def in_process(installed, tmp_path_factory) -> tuple[str, str, dict]:
+    """(package file, packaged config, {task key: outcome}) from one installed process."""
+    cwd = tmp_path_factory.mktemp("in_process")
+    result = _run([str(installed), "-c", _IN_PROCESS, *SERIAL_TASKS], cwd)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def demo(installed, tmp_path_factory) -> tuple[Path, str]:
+    """(output folder, stdout) of the installed demo's quick OPL part in two worker processes."""
+    cwd = tmp_path_factory.mktemp("empty")
+    result = _run(
+        [str(installed), "-m", "lightning_losses.demo", "--quick", "--parts", "opl",
+         "--out", "out", "--jobs", "2"], cwd)  # fmt: skip
+    return cwd / "out", result.stdout
+
+
+def test_the_wheel_ships_the_configs_and_the_package_resolves_them(installed, in_process):
+    package, config, _ = in_process
     venv_dir = installed.parents[1]
     assert Path(package).is_relative_to(venv_dir), package  # not the checkout's copy
     assert Path(config).is_relative_to(venv_dir) and not Path(config).is_symlink()
     assert Path(config).read_bytes() == (REPO / "configs/opl/digits.yaml").read_bytes()
 
 
-def test_the_installed_demo_runs_from_an_empty_folder(installed, tmp_path):
-    result = _run(
-        [str(installed), "-m", "lightning_losses.demo", "--quick", "--parts", "opl",
-         "--out", "out", "--jobs", "2"], tmp_path)  # fmt: skip
-    assert "1 torch thread each" in result.stdout
-    report = (tmp_path / "out" / "report.md").read_text()
+def test_the_installed_demo_runs_from_an_empty_folder(demo):
+    out, stdout = demo
+    assert "1 torch thread each" in stdout
+    report = (out / "report.md").read_text()
     assert "## OPL: CE vs CE + OPL on digits" in report
     assert "| 40% | CE+OPL |" in report
-    results = json.loads((tmp_path / "out" / "opl_results.json").read_text())
+    results = json.loads((out / "opl_results.json").read_text())
     assert sorted(results) == ["0.0/CE", "0.0/CE+OPL", "0.4/CE", "0.4/CE+OPL"]
     accuracy = {key: runs[0]["acc"] for key, runs in results.items()}
     assert all(0.2 < acc <= 1.0 for acc in accuracy.values()), accuracy  # 2 epochs: above chance
     assert accuracy["0.0/CE"] > 0.6, accuracy
 
-    # Two worker processes give what one process running the runs in order gives (the same
-    # installed code: the checkout may change while the tests run).
-    _run([str(installed), "-m", "lightning_losses.demo", "--quick", "--parts", "opl",
-          "--out", "serial", "--jobs", "1"], tmp_path)  # fmt: skip
-    serial = json.loads((tmp_path / "serial" / "opl_results.json").read_text())
-    assert serial == results
+
+def test_worker_processes_give_what_one_process_gives(demo, in_process):
+    # The same installed code (the checkout may change while the tests run); one task of each
+    # arm and each noise rate, every field of its outcome.
+    out, _ = demo
+    results = json.loads((out / "opl_results.json").read_text())
+    _, _, serial = in_process
+    assert sorted(serial) == sorted(SERIAL_TASKS)
+    for key, outcome in serial.items():
+        noise, arm, seed = key.split("/")
+        (pooled,) = [run for run in results[f"{noise}/{arm}"] if run["seed"] == int(seed)]
+        assert pooled == {"seed": int(seed), **outcome}, key
