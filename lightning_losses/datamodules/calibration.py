@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import numbers
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -124,6 +128,45 @@ class CachedOutputs(Dataset):
 
 
 _BATCHED = "_batched"  # marks a batch that __getitems__ already stacked
+_NOT_KEYED = {"num_workers", "output_cache"}  # settings that do not change the outputs
+
+
+def _save_outputs(path: Path, outputs: list[CachedOutputs]) -> None:
+    """Write ``outputs`` to ``path`` atomically (a temporary file renamed: a reader never sees
+    half a file, and two writers of the same key leave one whole copy)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Tensor] = {}
+    for i, cached in enumerate(outputs):
+        tensors[f"{i}/logits"] = cached.logits.contiguous()
+        tensors[f"{i}/labels"] = cached.labels.contiguous()
+        if cached.view_logits is not None:
+            tensors[f"{i}/view_logits"] = cached.view_logits.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(temporary))
+    os.replace(temporary, path)
+
+
+def _load_outputs(path: Path, count: int) -> list[CachedOutputs]:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(
+            f"output_cache file {path} is not a readable safetensors file: {error}; delete it"
+        ) from error
+    outputs = []
+    for i in range(count):
+        if f"{i}/logits" not in tensors or f"{i}/labels" not in tensors:
+            raise ValueError(f"output_cache file {path} lacks the outputs of set {i}; delete it")
+        outputs.append(
+            CachedOutputs(
+                tensors[f"{i}/logits"], tensors[f"{i}/labels"], tensors.get(f"{i}/view_logits")
+            )
+        )
+    return outputs
 
 
 def collate_cached(items: list[dict[str, Tensor]] | dict[str, Tensor]) -> dict[str, Tensor]:
@@ -187,6 +230,16 @@ class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
         id_test: the in-distribution test set: the wrapped module's ``"test"`` set, or the
             ``"heldout"`` rest of its validation set (ImageNet, whose labelled val set is both
             the calibration data and the only ID test data; the shifts apply to it too).
+        output_cache: a folder for the classifier's outputs (None: no disk cache, and test sets
+            serve images). With a folder, :meth:`cache_outputs` and :meth:`cache_test_outputs`
+            store the outputs they compute there (safetensors, one file per split group) under a
+            key of the classifier's fingerprint (the caller's ``key``) and every setting of this
+            module and of the wrapped one, and load them instead of recomputing when the key
+            matches: calibrators of one classifier and one data setting (the CE and CA
+            calibrators of a seed) transform the views and run the classifier once. The cache
+            trusts that equal settings mean equal data: clear the folder after changing data
+            files or the view / corruption code. Needs the default views and no
+            ``ood_datasets`` (their contents cannot be keyed).
     """
 
     def __init__(
@@ -202,8 +255,16 @@ class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
         num_workers: int = 0,
         seed: int = 0,
         id_test: Literal["test", "heldout"] = "test",
+        output_cache: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        if output_cache is not None and not isinstance(output_cache, str | os.PathLike):
+            raise ValueError(f"output_cache must be None or a folder path, got {output_cache!r}")
+        if output_cache is not None and (view_transforms is not None or ood_datasets):
+            raise ValueError(
+                "output_cache needs the default views and no ood_datasets (custom transforms and "
+                "extra data sets cannot be keyed): set output_cache=None"
+            )
         if id_test not in ("test", "heldout"):
             raise ValueError(f"id_test must be 'test' or 'heldout', got {id_test!r}")
         if id_test == "heldout" and calibration_fraction >= 1.0:
@@ -268,6 +329,8 @@ class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
         self.heldout_indices: Tensor | None = None
         self.test_datasets: list[Dataset] | None = None
         self.cached: dict[str, CachedOutputs] = {}
+        self.cached_test: list[CachedOutputs] = []
+        self.output_cache = None if output_cache is None else Path(output_cache)
         self._test_set_names = ["id", *shift_names, *ood_datasets]
 
     @property
@@ -387,6 +450,7 @@ class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
         self,
         fn: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
         device: torch.device | str | None = None,
+        key: str | None = None,
     ) -> None:
         """Run a frozen classifier once over the calibration and held-out splits and serve its
         outputs instead of images from then on.
@@ -396,43 +460,112 @@ class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
         calls this at the start of ``fit``. Afterwards :meth:`train_dataloader` (same sampler
         and seed) and :meth:`val_dataloader` yield ``{"logits": (B, C), "view_logits": (V, B,
         C), "labels": (B,)}`` (no ``view_logits`` when ``fn`` gave None) and need no workers.
-        Test loaders keep serving images. Call again to recompute (e.g. for another
-        classifier); :meth:`clear_cache` goes back to images.
+        Test loaders keep serving images (see :meth:`cache_test_outputs`). Call again to
+        recompute (e.g. for another classifier); :meth:`clear_cache` goes back to images.
 
         Args:
             fn: the classifier outputs of a batch.
             device: where the batches are moved before ``fn`` (None: left on the CPU).
+            key: the classifier's fingerprint for the ``output_cache`` folder (ignored without
+                one; None: neither read nor written): equal keys must mean equal outputs of
+                ``fn`` on equal images.
         """
         if self.train_dataset is None or self.val_dataset is None:
             raise RuntimeError("cache_outputs needs the calibration split: call setup('fit') first")
-        cached: dict[str, CachedOutputs] = {}
-        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
-            if split == "val" and dataset is self.train_dataset:
-                cached["val"] = cached["train"]
-                continue
-            logits, view_logits, labels = [], [], []
-            for batch in self._loader(dataset, split, shuffle=False):
-                if self.views:
-                    images, views, targets = batch
-                    views = views.to(device) if device is not None else views
-                else:
-                    (images, targets), views = batch, None
-                images = images.to(device) if device is not None else images
-                out, out_views = fn(images, views)
-                logits.append(out.detach().cpu())
-                labels.append(torch.as_tensor(targets, dtype=torch.int64).cpu())
-                if out_views is not None:
-                    view_logits.append(out_views.detach().cpu().transpose(0, 1))
-            cached[split] = CachedOutputs(
-                torch.cat(logits),
-                torch.cat(labels),
-                torch.cat(view_logits) if view_logits else None,
-            )
-        self.cached = cached
+        same = self.val_dataset is self.train_dataset
+        datasets = [self.train_dataset] if same else [self.train_dataset, self.val_dataset]
+        outputs = self._outputs_of(fn, datasets, "fit", device, key)
+        self.cached = {"train": outputs[0], "val": outputs[0] if same else outputs[1]}
+
+    @torch.no_grad()
+    def cache_test_outputs(
+        self,
+        fn: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
+        device: torch.device | str | None = None,
+        key: str | None = None,
+    ) -> None:
+        """Like :meth:`cache_outputs`, for every test set: :meth:`test_dataloader` then yields
+        ``{"logits", "view_logits", "labels"}`` batches of the same items in the same order and
+        batch size as the image loaders, so a test gives the same metrics either way.
+        ``PostHocCalibration`` calls it at the start of ``test`` when ``output_cache`` is set
+        (a test set's outputs are kept in memory: (N, (1 + V) * C) floats each).
+        """
+        if self.test_datasets is None:
+            raise RuntimeError("cache_test_outputs needs the test sets: call setup('test') first")
+        self.cached_test = self._outputs_of(fn, self.test_datasets, "test", device, key)
+
+    def _outputs_of(
+        self,
+        fn: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
+        datasets: list[Dataset],
+        group: str,
+        device: torch.device | str | None,
+        key: str | None,
+    ) -> list[CachedOutputs]:
+        """The outputs of ``fn`` on each of ``datasets`` (batches as the image loaders'), from
+        the disk cache when ``output_cache`` and ``key`` are set and it holds them."""
+        path = self._cache_path(group, key, len(datasets))
+        if path is not None and path.exists():
+            return _load_outputs(path, len(datasets))
+        outputs = [self._run(fn, dataset, device) for dataset in datasets]
+        if path is not None:
+            _save_outputs(path, outputs)
+        return outputs
+
+    def _run(
+        self,
+        fn: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
+        dataset: Dataset,
+        device: torch.device | str | None,
+    ) -> CachedOutputs:
+        logits, view_logits, labels = [], [], []
+        for batch in self._loader(dataset, "test", shuffle=False):
+            if self.views:
+                images, views, targets = batch
+                views = views.to(device) if device is not None else views
+            else:
+                (images, targets), views = batch, None
+            images = images.to(device) if device is not None else images
+            out, out_views = fn(images, views)
+            logits.append(out.detach().cpu())
+            labels.append(torch.as_tensor(targets, dtype=torch.int64).cpu())
+            if out_views is not None:
+                view_logits.append(out_views.detach().cpu().transpose(0, 1))
+        return CachedOutputs(
+            torch.cat(logits),
+            torch.cat(labels),
+            torch.cat(view_logits) if view_logits else None,
+        )
+
+    def _cache_path(self, group: str, key: str | None, count: int) -> Path | None:
+        """``<output_cache>/<sha256 of the settings>.safetensors`` (None without a folder or
+        a key)."""
+        if self.output_cache is None or key is None:
+            return None
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key must be a non-empty string, got {key!r}")
+        import lightning_losses
+
+        wrapped = getattr(self.datamodule, "hparams", None)
+        settings = {
+            "group": group,
+            "sets": count,
+            "key": key,
+            "module": {k: v for k, v in dict(self.hparams).items() if k not in _NOT_KEYED},
+            "wrapped": [type(self.datamodule).__module__, type(self.datamodule).__qualname__],
+            "wrapped_settings": {
+                k: v for k, v in dict(wrapped or {}).items() if k not in _NOT_KEYED
+            },
+            "versions": [lightning_losses.__version__, torch.__version__],
+        }
+        text = json.dumps(settings, sort_keys=True, default=repr)
+        return self.output_cache / f"{hashlib.sha256(text.encode()).hexdigest()}.safetensors"
 
     def clear_cache(self) -> None:
-        """Forget the outputs of :meth:`cache_outputs`: the loaders serve images again."""
+        """Forget the outputs of :meth:`cache_outputs` and :meth:`cache_test_outputs` (in
+        memory; the ``output_cache`` folder stays): the loaders serve images again."""
         self.cached = {}
+        self.cached_test = []
 
     def _cached_loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.cached[split]
@@ -459,4 +592,9 @@ class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
             raise RuntimeError(
                 "CalibrationDataModule.test_datasets is not set: call setup('test') first"
             )
+        if self.cached_test:
+            return [self._cached_test_loader(c) for c in self.cached_test]
         return [self._loader(d, "test", shuffle=False) for d in self.test_datasets]
+
+    def _cached_test_loader(self, dataset: CachedOutputs) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_cached)

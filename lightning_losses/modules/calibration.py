@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 from typing import Any, Literal
@@ -192,6 +193,21 @@ class PostHocCalibration(L.LightningModule):
         view_logits = self.classifier(views.flatten(0, 1)).float()
         return logits, view_logits.view(n, v, -1).transpose(0, 1)
 
+    def outputs_key(self) -> str:
+        """A fingerprint of what :meth:`classifier_logits` computes: the classifier's class and
+        every tensor of its state (names, dtypes, shapes, bytes; sha256), whether the views'
+        logits are computed, and the device type; the data module's ``output_cache`` keys the
+        outputs by it (with its own settings)."""
+        digest = hashlib.sha256()
+        kind = type(self.classifier)
+        views = bool(getattr(self.calibrator, "requires_views", False))
+        digest.update(f"{kind.__module__}.{kind.__qualname__}|{views}|{self.device.type}".encode())
+        for name, tensor in self.classifier.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def forward(self, logits: Tensor, view_logits: Tensor | None = None) -> Tensor:
         """Calibrated logits from the classifier's logits (and the views' logits)."""
         return self.calibrator(logits, view_logits)
@@ -205,7 +221,10 @@ class PostHocCalibration(L.LightningModule):
             # module there only afterwards: move the classifier first, or the batches sent to
             # self.device would meet weights still on the CPU.
             self.classifier.to(self.device)
-            datamodule.cache_outputs(self.classifier_logits, device=self.device)
+            # A key only with a disk cache (hashing the weights costs a pass over them).
+            keyed = getattr(datamodule, "output_cache", None) is not None
+            extra = {"key": self.outputs_key()} if keyed else {}
+            datamodule.cache_outputs(self.classifier_logits, device=self.device, **extra)
             cached = (getattr(datamodule, "cached", None) or {}).get("train")
             if cached is not None and len(cached) == 0:
                 raise ValueError(
@@ -219,6 +238,17 @@ class PostHocCalibration(L.LightningModule):
                 )
             if cached is not None:
                 self._prepare_cached(datamodule.cached, cached)
+        if (
+            stage == "test"
+            and getattr(datamodule, "output_cache", None) is not None
+            and hasattr(datamodule, "cache_test_outputs")
+        ):
+            # The test sets' outputs once, from the folder when another calibrator of the same
+            # classifier and data settings computed them (identical batches: same metrics).
+            self.classifier.to(self.device)
+            datamodule.cache_test_outputs(
+                self.classifier_logits, device=self.device, key=self.outputs_key()
+            )
         if stage == "test" and datamodule is not None and hasattr(datamodule, "test_set_names"):
             self.test_set_names = list(datamodule.test_set_names)
         if stage == "test" and not self.test_set_names:

@@ -689,3 +689,69 @@ def test_cache_outputs_serves_classifier_outputs_in_the_same_order():
     plain.cache_outputs(_fake_classifier)
     assert plain.cached["val"] is plain.cached["train"]
     assert set(next(iter(plain.train_dataloader()))) == {"logits", "labels"}
+
+
+def _same_settings(cache: Path, seed: int = 1) -> CalibrationDataModule:
+    return CalibrationDataModule(DigitsDataModule(), shifts=("contrast",), severities=(5,),
+                                 batch_size=50, seed=seed, output_cache=str(cache))  # fmt: skip
+
+
+def test_cache_test_outputs_serve_the_image_loaders_batches_and_share_them_on_disk(
+    tmp_path, monkeypatch
+):
+    cal = _same_settings(tmp_path)
+    with pytest.raises(RuntimeError, match="setup"):
+        cal.cache_test_outputs(_fake_classifier)
+    cal.setup("test")
+    image_loaders = cal.test_dataloader()
+    cal.cache_test_outputs(_fake_classifier, key="classifier-a")
+    (path,) = tmp_path.glob("*.safetensors")
+    cached_loaders = cal.test_dataloader()
+    assert len(cached_loaders) == len(image_loaders) == 2
+    for images, cached in zip(image_loaders, cached_loaders):
+        pairs = list(zip(images, cached, strict=True))  # the same number of batches
+        for (x, views, y), batch in pairs:
+            logits, view_logits = _fake_classifier(x, views)
+            assert torch.equal(batch["labels"], y)
+            assert torch.equal(batch["logits"], logits)
+            assert torch.equal(batch["view_logits"], view_logits)  # (V, B, C) as computed
+
+    # Another module with the same settings reads the file instead of computing.
+    other = _same_settings(tmp_path)
+    other.setup("test")
+    with monkeypatch.context() as patched:
+        patched.setattr(CalibrationDataModule, "_run", lambda *a: pytest.fail("recomputed"))
+        other.cache_test_outputs(_fake_classifier, key="classifier-a")
+    for mine, theirs in zip(cal.cached_test, other.cached_test):
+        assert torch.equal(mine.logits, theirs.logits)
+        assert torch.equal(mine.view_logits, theirs.view_logits)
+        assert torch.equal(mine.labels, theirs.labels)
+    # Another classifier key or another seed: other files; the calibration split has its own.
+    other.cache_test_outputs(_fake_classifier, key="classifier-b")
+    reseeded = _same_settings(tmp_path, seed=2)
+    reseeded.setup()
+    reseeded.cache_test_outputs(_fake_classifier, key="classifier-a")
+    reseeded.cache_outputs(_fake_classifier, key="classifier-a")
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    assert not list(tmp_path.glob("*.tmp"))
+    # Without a key nothing is read or written; clear_cache goes back to images.
+    reseeded.cache_test_outputs(_fake_classifier)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    reseeded.clear_cache()
+    assert len(next(iter(reseeded.test_dataloader()[0]))) == 3
+
+    # Bad input.
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        other.cache_test_outputs(_fake_classifier, key="classifier-a")
+    with pytest.raises(ValueError, match="key must be a non-empty string"):
+        other.cache_test_outputs(_fake_classifier, key="")
+    with pytest.raises(ValueError, match="output_cache must be None or a folder"):
+        CalibrationDataModule(DigitsDataModule(), output_cache=5)
+    with pytest.raises(ValueError, match="output_cache needs the default views"):
+        CalibrationDataModule(DigitsDataModule(), view_transforms=[torch.flipud],
+                              output_cache=str(tmp_path))  # fmt: skip
+    with pytest.raises(ValueError, match="no ood_datasets"):
+        CalibrationDataModule(DigitsDataModule(), output_cache=str(tmp_path),
+                              ood_datasets={"x": TensorDataset(torch.zeros(2, 1, 8, 8),
+                                                               torch.zeros(2).long())})  # fmt: skip

@@ -838,3 +838,55 @@ def test_split_weighting_takes_the_calibration_split_accuracy(net):
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="weighting applies to loss='ca' only"):
         PostHocCalibration(TemperatureScaling(), 10, classifier=net, loss="ce", weighting="split")
+
+
+# ------------------------------------------------------------------------------------------
+# The output cache: calibrators of one classifier and data setting share its outputs.
+
+
+def test_output_cache_gives_the_same_metrics_and_the_second_calibrator_reads_it(
+    net, tmp_path, monkeypatch
+):
+    def data(cache: Path | None) -> CalibrationDataModule:
+        folder = None if cache is None else str(cache)
+        return CalibrationDataModule(DigitsDataModule(**DIGITS), batch_size=64,
+                                     shifts=("rotation",), severities=(3,),
+                                     output_cache=folder)  # fmt: skip
+
+    def fit_and_test(loss: str, cache: Path | None) -> dict[str, float]:
+        torch.manual_seed(0)
+        module = PostHocCalibration(CorrectnessAwareCalibrator(3), 10,
+                                    classifier=copy.deepcopy(net), loss=loss)  # fmt: skip
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+        dm = data(cache)
+        trainer.fit(module, dm)
+        trainer.test(module, dm, verbose=False)
+        if cache is not None:
+            assert dm.cached_test and len(dm.cached_test) == 2  # the test sets were cached
+        return _floats(trainer.callback_metrics)
+
+    plain = fit_and_test("ce", None)
+    fit_and_test("ca", tmp_path)  # computes and stores the calibration split's and test outputs
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    with monkeypatch.context() as patched:  # the CE calibrator only reads them
+        patched.setattr(CalibrationDataModule, "_run", lambda *a: pytest.fail("recomputed"))
+        shared = fit_and_test("ce", tmp_path)
+    assert shared == plain  # bitwise: the same batches of the same outputs
+    assert {k for k in plain if k.startswith("test/")} >= {"test/id/ece", "test/rotation-3/ece"}
+
+
+def test_outputs_key_follows_the_classifier_and_the_views(net):
+    ca = PostHocCalibration(CorrectnessAwareCalibrator(3), 10, classifier=copy.deepcopy(net))
+    ts = PostHocCalibration(TemperatureScaling(), 10, classifier=copy.deepcopy(net), loss="ce")
+    assert (
+        ca.outputs_key()
+        == PostHocCalibration(
+            CorrectnessAwareCalibrator(3), 10, classifier=copy.deepcopy(net)
+        ).outputs_key()
+    )
+    assert ca.outputs_key() != ts.outputs_key()  # no views' logits without views
+    changed = copy.deepcopy(net)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-6
+    assert PostHocCalibration(CorrectnessAwareCalibrator(3), 10,
+                              classifier=changed).outputs_key() != ca.outputs_key()  # fmt: skip
