@@ -1,4 +1,7 @@
-"""Tiny fakes shared by the tests: data modules and networks small enough for 2 CPU cores."""
+"""Tiny fakes shared by the tests: data modules and networks small enough for 2 CPU cores.
+
+Torch-only helpers (no Lightning import, for spawned DDP children) live in :mod:`torch_fakes`.
+"""
 
 from __future__ import annotations
 
@@ -24,17 +27,6 @@ QUIET_ARGS = [f"--trainer.{key}={str(value).lower()}" for key, value in QUIET.it
 def quiet_trainer(**overrides: object) -> L.Trainer:
     """A ``Trainer`` with :data:`QUIET` settings, ``overrides`` on top."""
     return L.Trainer(**{**QUIET, **overrides})
-
-
-def clustered_features(
-    num_per_class: int, num_classes: int, dim: int, spread: float = 0.5, seed: int = 0
-) -> tuple[Tensor, Tensor]:
-    """Gaussian clusters around random class centres, float64."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
-    labels = torch.arange(num_classes).repeat_interleave(num_per_class)
-    noise = spread * torch.randn(labels.shape[0], dim, generator=g, dtype=torch.float64)
-    return centres[labels] + noise, labels
 
 
 class ToyImages(L.LightningDataModule):

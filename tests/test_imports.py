@@ -31,13 +31,22 @@ FORBIDDEN_ON_IMPORT = {
     "lightning_losses": [*LIGHTNING, *HEAVY, "torch"],  # the top level stays light
     "lightning_losses.losses": [*LIGHTNING, *HEAVY, "torchvision"],  # torch only
     "lightning_losses.metrics": [*LIGHTNING, *HEAVY],
-    "lightning_losses.nets": [*LIGHTNING, *HEAVY],
+    "lightning_losses.nets": [*LIGHTNING, *HEAVY, "torchvision"],  # torchvision where used
     "lightning_losses.diffusion": [*LIGHTNING, *HEAVY],
+}
+#: package -> code run after ``import package`` (as ``package``): calling its functions must not
+#: load what :data:`FORBIDDEN_ON_IMPORT` names either.
+USE = {
+    "lightning_losses.metrics": (
+        "import torch; p = torch.tensor([[0.7, 0.3], [0.2, 0.8]]); y = torch.tensor([0, 0]); "
+        "package.calibration_error(p, y); package.correctness_auroc(p, y)"
+    ),
 }
 
 _PROBE = """
 import importlib, json, pkgutil, sys
 package = importlib.import_module(sys.argv[1])
+exec(sys.argv[3])
 on_import = sorted(sys.modules)
 names = [sys.argv[1]]
 if sys.argv[2] == "walk":
@@ -49,10 +58,11 @@ print(json.dumps({"imported": names, "on_import": on_import, "loaded": sorted(sy
 
 
 def _probe(package: str, walk: bool) -> dict[str, list[str]]:
-    """In a fresh interpreter: ``sys.modules`` after ``import package``, then after the walk."""
+    """In a fresh interpreter: ``sys.modules`` after ``import package`` (and its :data:`USE`),
+    then after the walk."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", _PROBE, package, "walk" if walk else "top"],
+        [sys.executable, "-c", _PROBE, package, "walk" if walk else "top", USE.get(package, "")],
         cwd=REPO,
         env=env,
         capture_output=True,

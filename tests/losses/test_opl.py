@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
-from fakes import clustered_features
+from torch import Tensor
+from torch_fakes import clustered_features, run_gloo
 
 from lightning_losses.losses import (
     OrthogonalProjectionLoss,
@@ -572,42 +569,25 @@ def _global_batch():
     return features, labels
 
 
-def _ddp_worker(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        features, labels = _global_batch()
-        for index, (abs_mode, sizes) in enumerate(CASES):
-            start = sum(sizes[:rank])
-            local = features[start : start + sizes[rank]].clone().requires_grad_(True)
-            loss_fn = OrthogonalProjectionLoss(
-                gamma=0.5, abs_mode=abs_mode, gather_distributed=True
-            )
-            out = loss_fn(local, labels[start : start + sizes[rank]])
-            out.loss.backward()
-            # What DDP does to parameter gradients: the average over ranks of each rank's one.
-            grad = torch.zeros_like(features)
-            grad[start : start + sizes[rank]] = local.grad
-            torch.distributed.all_reduce(grad)
-            results[(rank, index)] = (out.loss.detach(), grad / WORLD)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_worker(rank: int) -> list[tuple[Tensor, Tensor]]:
+    features, labels = _global_batch()
+    results = []
+    for abs_mode, sizes in CASES:
+        start = sum(sizes[:rank])
+        local = features[start : start + sizes[rank]].clone().requires_grad_(True)
+        loss_fn = OrthogonalProjectionLoss(gamma=0.5, abs_mode=abs_mode, gather_distributed=True)
+        out = loss_fn(local, labels[start : start + sizes[rank]])
+        out.loss.backward()
+        # What DDP does to parameter gradients: the average over ranks of each rank's one.
+        grad = torch.zeros_like(features)
+        grad[start : start + sizes[rank]] = local.grad
+        torch.distributed.all_reduce(grad)
+        results.append((out.loss.detach(), grad / WORLD))
+    return results
 
 
 def test_gathered_loss_and_gradient_equal_single_process():
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(
-            _ddp_worker, args=(_free_port(), results), nprocs=WORLD, join=True, start_method="spawn"
-        )
-        results = dict(results)
+    results = run_gloo(_ddp_worker, WORLD)
     features, labels = _global_batch()
     for index, (abs_mode, _) in enumerate(CASES):
         x = features.clone().requires_grad_(True)
@@ -615,6 +595,6 @@ def test_gathered_loss_and_gradient_equal_single_process():
         single.backward()
         assert torch.count_nonzero(x.grad[2]) == 0
         for rank in range(WORLD):
-            loss, grad = results[(rank, index)]
+            loss, grad = results[rank][index]
             torch.testing.assert_close(loss, single.detach(), rtol=0, atol=1e-12)
             torch.testing.assert_close(grad, x.grad, rtol=0, atol=1e-12)
