@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_losses.checks import check_choice, check_logits, check_positive_int
-from lightning_losses.nets.calibrators import PostHocCalibrator, check_fit_inputs
+from lightning_losses.nets.calibrators import PostHocCalibrator
 
 __all__ = ["HistogramBinning", "IsotonicCalibration", "top_label_logits"]
 
@@ -112,15 +112,8 @@ class HistogramBinning(_TopLabelCalibrator):
         inner = self.edges[1:-1].to(confidence)
         return torch.bucketize(confidence, inner, right=False)  # e_b < c <= e_{b+1} -> b
 
-    def fit(
-        self,
-        logits: Tensor,
-        labels: Tensor,
-        view_logits: Tensor | None = None,
-        allow_probabilities: bool = False,
-    ) -> HistogramBinning:
-        """Bin the split's confidences and store each bin's accuracy; returns ``self``."""
-        check_fit_inputs(logits, labels, allow_probabilities)
+    def _fit(self, logits: Tensor, labels: Tensor, view_logits: Tensor | None) -> None:
+        """Bin the split's confidences and store each bin's accuracy."""
         conf, correct = _confidence_correct(logits, labels)
         if self.binning == "uniform":
             edges = torch.linspace(0.0, 1.0, self.n_bins + 1, dtype=torch.float64)
@@ -142,7 +135,6 @@ class HistogramBinning(_TopLabelCalibrator):
         values = torch.where(count > 0, hits / count.clamp_min(1.0), centres)
         self.edges = edges.to(self.edges.device)
         self.bin_values = values.to(self.bin_values.device)
-        return self
 
     def _map(self, confidence: Tensor) -> Tensor:
         c = confidence.to(torch.float64)
@@ -187,15 +179,8 @@ class IsotonicCalibration(_TopLabelCalibrator):
     def fitted(self) -> bool:
         return self.x_points.numel() > 0
 
-    def fit(
-        self,
-        logits: Tensor,
-        labels: Tensor,
-        view_logits: Tensor | None = None,
-        allow_probabilities: bool = False,
-    ) -> IsotonicCalibration:
-        """PAV on the split's (confidence, correctness) pairs; returns ``self``."""
-        check_fit_inputs(logits, labels, allow_probabilities)
+    def _fit(self, logits: Tensor, labels: Tensor, view_logits: Tensor | None) -> None:
+        """PAV on the split's (confidence, correctness) pairs."""
         conf, correct = _confidence_correct(logits, labels)
         x, inverse = torch.unique(conf.cpu(), sorted=True, return_inverse=True)
         weight = torch.zeros_like(x).index_add_(0, inverse, torch.ones_like(conf.cpu()))
@@ -203,7 +188,6 @@ class IsotonicCalibration(_TopLabelCalibrator):
         fitted = pool_adjacent_violators(mean, weight).clamp(0.0, 1.0)
         self.x_points = x.to(self.x_points.device)
         self.y_points = fitted.to(self.y_points.device)
-        return self
 
     def _map(self, confidence: Tensor) -> Tensor:
         x = self.x_points.to(confidence.device)

@@ -19,6 +19,7 @@ This module imports torch only.
 from __future__ import annotations
 
 import math
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +126,17 @@ class PostHocCalibrator(nn.Module):
         labels: Tensor,
         view_logits: Tensor | None = None,
         allow_probabilities: bool = False,
-    ) -> PostHocCalibrator:
+        **options: Any,
+    ) -> Self:
+        """Fit on the cached logits of a calibration split and return ``self``: the inputs are
+        checked once (:func:`check_fit_inputs`), then :meth:`_fit` runs with ``options`` (a
+        subclass's own keywords, e.g. ``max_iter`` of :class:`TemperatureScaling`)."""
+        check_fit_inputs(logits, labels, allow_probabilities)
+        self._fit(logits, labels, view_logits, **options)
+        return self
+
+    def _fit(self, logits: Tensor, labels: Tensor, view_logits: Tensor | None) -> None:
+        """What a subclass fits, on inputs :meth:`fit` has checked."""
         raise NotImplementedError
 
 
@@ -217,21 +228,15 @@ class TemperatureScaling(TemperatureCalibrator):
             t = self.scalar_temperature().to(device=logits.device, dtype=dtype)
             return t.expand(logits.shape[0])
 
-    def fit(
-        self,
-        logits: Tensor,
-        labels: Tensor,
-        view_logits: Tensor | None = None,
-        allow_probabilities: bool = False,
-        max_iter: int = 100,
-    ) -> TemperatureScaling:
-        """Fit T by NLL from the current T (see :func:`fit_temperature`); returns ``self``.
+    def _fit(
+        self, logits: Tensor, labels: Tensor, view_logits: Tensor | None, max_iter: int = 100
+    ) -> None:
+        """Fit T by NLL from the current T (see :func:`fit_temperature`).
 
         The fit runs in float64 on a detached copy of ``logits``; the fitted :math:`\\log T`
         is then copied into ``log_temperature`` (its dtype and device kept).
         ``view_logits`` is accepted and ignored.
         """
-        check_fit_inputs(logits, labels, allow_probabilities)
         check_positive_int(max_iter, "max_iter")
         z = logits.detach().to(torch.float64)
         targets = labels.long()
@@ -253,7 +258,6 @@ class TemperatureScaling(TemperatureCalibrator):
             optimizer.step(closure)
         with torch.no_grad():
             self.log_temperature.copy_(replica.log_temperature.detach())
-        return self
 
     def extra_repr(self) -> str:
         t = float(self.scalar_temperature().detach())
@@ -457,23 +461,15 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
         dtype = self._working_dtype(logits)
         return self.temperature_from_features(features.to(dtype))
 
-    def fit(
-        self,
-        logits: Tensor,
-        labels: Tensor,
-        view_logits: Tensor | None = None,
-        allow_probabilities: bool = False,
-        **options: object,
-    ) -> CorrectnessAwareCalibrator:
-        """Train on cached logits with :func:`~lightning_losses.nets.calibrator_fit.fit_calibrator`
-        (the CA loss, the authors' Adam recipe by default; ``options`` are its keywords);
-        returns ``self``."""
+    def _fit(
+        self, logits: Tensor, labels: Tensor, view_logits: Tensor | None, **options: Any
+    ) -> None:
+        """Train with :func:`~lightning_losses.nets.calibrator_fit.fit_calibrator` (the CA loss,
+        the authors' Adam recipe by default; ``options`` are its keywords)."""
         from lightning_losses.nets.calibrator_fit import fit_calibrator
 
-        fit_calibrator(
-            self, logits, labels, view_logits, allow_probabilities=allow_probabilities, **options
-        )
-        return self
+        # fit() has checked the inputs with the caller's allow_probabilities.
+        fit_calibrator(self, logits, labels, view_logits, allow_probabilities=True, **options)
 
     def extra_repr(self) -> str:
         return (

@@ -38,7 +38,6 @@ from lightning_losses.checks import check_choice, check_float, check_logits, che
 from lightning_losses.nets.calibrators import (
     PostHocCalibrator,
     TemperatureScaling,
-    check_fit_inputs,
 )
 
 __all__ = ["EnsembleTemperatureScaling", "MatrixScaling", "VectorScaling"]
@@ -101,15 +100,8 @@ class EnsembleTemperatureScaling(PostHocCalibrator):
             t = self.temperature.scalar_temperature().to(dtype)
             return self._mixture(z, t, self.weights().to(dtype)).log()
 
-    def fit(
-        self,
-        logits: Tensor,
-        labels: Tensor,
-        view_logits: Tensor | None = None,
-        allow_probabilities: bool = False,
-    ) -> EnsembleTemperatureScaling:
-        """T by NLL (temperature scaling), then the weights by ``loss``; returns ``self``."""
-        check_fit_inputs(logits, labels, allow_probabilities)
+    def _fit(self, logits: Tensor, labels: Tensor, view_logits: Tensor | None) -> None:
+        """T by NLL (temperature scaling), then the weights by ``loss``."""
         self.temperature.fit(logits, labels, max_iter=self.max_iter)
         z = logits.detach().to(torch.float64)
         t = self.temperature.scalar_temperature().detach().to(torch.float64)
@@ -125,7 +117,6 @@ class EnsembleTemperatureScaling(PostHocCalibrator):
         _lbfgs([a], objective, self.max_iter)
         with torch.no_grad():
             self.weight_logits.copy_(a.detach().to(self.weight_logits))
-        return self
 
     def extra_repr(self) -> str:
         w = [round(float(v), 4) for v in self.weights().detach()]
@@ -172,15 +163,8 @@ class VectorScaling(PostHocCalibrator):
     def _penalty(self, scale: Tensor, bias: Tensor) -> Tensor:
         return scale.new_zeros(())
 
-    def fit(
-        self,
-        logits: Tensor,
-        labels: Tensor,
-        view_logits: Tensor | None = None,
-        allow_probabilities: bool = False,
-    ) -> VectorScaling:
-        """Minimise the mean NLL (plus the penalty) with LBFGS in float64; returns ``self``."""
-        check_fit_inputs(logits, labels, allow_probabilities)
+    def _fit(self, logits: Tensor, labels: Tensor, view_logits: Tensor | None) -> None:
+        """Minimise the mean NLL (plus the penalty) with LBFGS in float64."""
         self._check(logits)
         z = logits.detach().to(torch.float64)
         targets = labels.long()
@@ -196,7 +180,6 @@ class VectorScaling(PostHocCalibrator):
         with torch.no_grad():
             self.scale.copy_(scale.detach())
             self.bias.copy_(bias.detach())
-        return self
 
 
 class MatrixScaling(VectorScaling):
