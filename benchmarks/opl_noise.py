@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -87,6 +88,22 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def paired_differences(
+    by_arm: dict[str, list[dict[str, dict[str, float]]]],
+) -> Iterator[tuple[str, str, str, list[float], tuple[float, float, float]]]:
+    """Per pair of :data:`PAIRS` present and per selection: the per-seed test-accuracy
+    differences in points and their paired interval ``(mean, low, high)``."""
+    for with_opl, without in PAIRS:
+        if with_opl not in by_arm or without not in by_arm:
+            continue
+        for name, key in SELECTIONS.items():
+            diffs = [
+                100 * (a[key]["test"] - b[key]["test"])
+                for a, b in zip(by_arm[with_opl], by_arm[without], strict=True)
+            ]
+            yield with_opl, without, name, diffs, paired_interval(diffs)
+
+
 def tables(runs: dict[str, Any]) -> str:
     """The markdown body: per noise, the arms' accuracies, then the paired differences."""
     seeds = runs["seeds"]
@@ -120,20 +137,12 @@ def tables(runs: dict[str, Any]) -> str:
             "| difference | selection | per seed | mean [95% CI] | verdict |",
             "|---|---|---|---|---|",
         ]
-        for with_opl, without in PAIRS:
-            if with_opl not in by_arm or without not in by_arm:
-                continue
-            for name, key in SELECTIONS.items():
-                diffs = [
-                    100 * (a[key]["test"] - b[key]["test"])
-                    for a, b in zip(by_arm[with_opl], by_arm[without], strict=True)
-                ]
-                mean, low, high = paired_interval(diffs)
-                per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
-                lines.append(
-                    f"| {with_opl} − {without} | {name} | {per_seed} "
-                    f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {verdict(low, high)} |"
-                )
+        for with_opl, without, name, diffs, (mean, low, high) in paired_differences(by_arm):
+            per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
+            lines.append(
+                f"| {with_opl} − {without} | {name} | {per_seed} "
+                f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {verdict(low, high)} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -148,25 +157,18 @@ def reading(runs: dict[str, Any]) -> str:
     primary, excluded, memorised = [], [], []
     for noise in runs["noises"]:
         by_arm = {arm: [select(h) for h in runs["history"][noise][arm]] for arm in runs["arms"]}
-        for with_opl, without in PAIRS:
-            if with_opl not in by_arm or without not in by_arm:
-                continue
-            for name, key in SELECTIONS.items():
-                diffs = [
-                    100 * (a[key]["test"] - b[key]["test"])
-                    for a, b in zip(by_arm[with_opl], by_arm[without], strict=True)
-                ]
-                mean, low, high = paired_interval(diffs)
-                said = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
-                if key == "val":
-                    text = f"{with_opl} − {without}, {noise}: {said}, {verdict(low, high)}"
-                    if with_opl == "TL+OPL":
-                        text += f" (paper, CIFAR-10: {PAPER_GAINS[noise]:+.2f})"
-                    primary.append(text)
-                if verdict(low, high) != "no detectable difference":
-                    excluded.append(
-                        f"{with_opl} − {without}, {noise}, {name}: {said} ({verdict(low, high)})"
-                    )
+        for with_opl, without, name, _, (mean, low, high) in paired_differences(by_arm):
+            key = SELECTIONS[name]
+            said = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+            if key == "val":
+                text = f"{with_opl} − {without}, {noise}: {said}, {verdict(low, high)}"
+                if with_opl == "TL+OPL":
+                    text += f" (paper, CIFAR-10: {PAPER_GAINS[noise]:+.2f})"
+                primary.append(text)
+            if verdict(low, high) != "no detectable difference":
+                excluded.append(
+                    f"{with_opl} − {without}, {noise}, {name}: {said} ({verdict(low, high)})"
+                )
         shares = ", ".join(
             f"{arm} {100 * statistics.fmean(s['last']['memorised'] for s in sel):.0f}%"
             for arm, sel in by_arm.items()
