@@ -65,12 +65,7 @@ class CIFARDataModule(ClassificationDataModule):
         normalize: Literal["standard", "symmetric"] = "standard",
         return_indices: bool = False,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            return_indices=return_indices,
-        )
+        super().__init__(batch_size, num_workers, seed, return_indices)
         check_int(val_size, "val_size", minimum=0)
         if normalize not in ("standard", "symmetric"):
             raise ValueError(f'normalize must be "standard" or "symmetric", got {normalize!r}')

@@ -74,12 +74,7 @@ class DigitsDataModule(ClassificationDataModule):
         val_label_noise: float = 0.0,
         return_indices: bool = False,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            return_indices=return_indices,
-        )
+        super().__init__(batch_size, num_workers, seed, return_indices)
         if image_size not in _IMAGE_SIZES:
             raise ValueError(f"image_size must be one of {_IMAGE_SIZES}, got {image_size!r}")
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

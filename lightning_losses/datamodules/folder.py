@@ -75,12 +75,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         val_from_train: float = 0.0,
         return_indices: bool = False,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            return_indices=return_indices,
-        )
+        super().__init__(batch_size, num_workers, seed, return_indices)
         check_int(image_size, "image_size", minimum=1)
         check_float(val_from_train, "val_from_train", minimum=0.0, maximum=1.0, strict_maximum=True)
         self.save_hyperparameters()
