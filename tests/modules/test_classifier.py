@@ -10,19 +10,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import TinyMLP, ToyImages
+from fakes import TinyMLP, ToyImages, quiet_trainer
 
 from lightning_losses.cli import main
 from lightning_losses.datamodules import DigitsDataModule
 from lightning_losses.losses import orthogonal_projection_loss
 from lightning_losses.modules import OPLClassifier, WarmupMultiStepLR
 
-QUIET = {
-    "logger": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,  # nothing written into the working directory
-}
 QUIET_ARGS = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -121,7 +115,7 @@ def test_warmup_multistep_factors():
 def test_logs_every_part_for_each_stage():
     model = OPLClassifier(TinyMLP(8), num_classes=6, optimizer=_sgd(0.1))
     data = ToyImages(num=48, num_classes=6, batch_size=16)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(model, data)
     after_fit = set(trainer.callback_metrics)
     trainer.test(model, data, verbose=False)
@@ -139,7 +133,7 @@ def test_feature_geometry_callback_matches_direct_computation(tmp_path):
     model = OPLClassifier(TinyMLP(8), num_classes=4, optimizer=_sgd(0.1))
     data = ToyImages(num=40, num_classes=4, batch_size=16)  # uneven last batch
     callback = FeatureGeometryCallback(plot_every_n_epochs=1, dirpath=str(tmp_path))
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[callback], **QUIET)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
     trainer.fit(model, data)
     with torch.no_grad():
         f = F.normalize(model.features(data.images).double(), dim=1)
@@ -157,9 +151,7 @@ def test_feature_geometry_callback_matches_direct_computation(tmp_path):
 
 def test_bf16_mixed_fit_runs_and_stays_finite():
     model = OPLClassifier(TinyMLP(8), num_classes=4, optimizer=_sgd(0.1))
-    trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", precision="bf16-mixed", limit_val_batches=1, **QUIET
-    )
+    trainer = quiet_trainer(max_steps=3, precision="bf16-mixed", limit_val_batches=1)
     trainer.fit(model, ToyImages(num=48, batch_size=16))
     assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
     assert torch.isfinite(trainer.callback_metrics["val/opl"])
@@ -186,33 +178,30 @@ def _global_first_batch(data: ToyImages, world: int = 2):
     return data.images[index], data.labels[index]
 
 
-def test_ddp_step_equals_single_process_step():
+def _ddp_step_and_reference(gather: bool) -> tuple[OPLClassifier, OPLClassifier, dict]:
+    """One SGD step in 2 processes (8 rows each), and one on the 16-row global batch in this one.
+
+    Returns (the DDP-trained model, the one-process reference, the starting state).
+    """
     torch.manual_seed(0)
     model = OPLClassifier(
-        TinyMLP(8), num_classes=4, opl_weight=1.0, gather_distributed=True, optimizer=_sgd(0.5)
+        TinyMLP(8), num_classes=4, opl_weight=1.0, gather_distributed=gather, optimizer=_sgd(0.5)
     )
     reference = copy.deepcopy(model)
     start = copy.deepcopy(model.state_dict())
     data = ToyImages(num=32, num_classes=4, batch_size=8)  # 8 per rank = 16 global
-
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        **QUIET,
-    )
+    trainer = quiet_trainer(max_steps=1, devices=2, strategy="ddp_spawn", limit_val_batches=0)
     trainer.fit(model, data)
-
     # One process, the global batch: the union of both ranks' first batches.
     x, y = _global_first_batch(data)
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
     loss, _, _ = reference.compute_loss(reference.features(x), reference(x), y, with_opl=True)
     loss.backward()
-    optimizer.step()
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    return model, reference, start
 
+
+def test_ddp_step_equals_single_process_step():
+    model, reference, start = _ddp_step_and_reference(gather=True)
     moved = False
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, reference.state_dict()[name], rtol=0, atol=1e-6)
@@ -222,24 +211,7 @@ def test_ddp_step_equals_single_process_step():
 
 def test_without_gather_ddp_step_differs_from_global_batch():
     """The control: per-rank OPL (the authors' choice) is not the global-batch gradient."""
-    torch.manual_seed(0)
-    model = OPLClassifier(TinyMLP(8), num_classes=4, gather_distributed=False, optimizer=_sgd(0.5))
-    reference = copy.deepcopy(model)
-    data = ToyImages(num=32, num_classes=4, batch_size=8)
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        **QUIET,
-    )
-    trainer.fit(model, data)
-    x, y = _global_first_batch(data)
-    loss, _, _ = reference.compute_loss(reference.features(x), reference(x), y, with_opl=True)
-    loss.backward()
-    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    model, reference, _ = _ddp_step_and_reference(gather=False)
     diffs = [
         (value - reference.state_dict()[name]).abs().max().item()
         for name, value in model.state_dict().items()
@@ -354,9 +326,7 @@ def test_checkpoint_resume_reaches_the_same_state(tmp_path):
         return model, data
 
     def trainer(epochs, **kwargs):
-        return L.Trainer(
-            max_epochs=epochs, accelerator="cpu", deterministic=True, **QUIET, **kwargs
-        )
+        return quiet_trainer(max_epochs=epochs, deterministic=True, **kwargs)
 
     model, data = make()
     trainer(3).fit(model, data)
@@ -449,7 +419,7 @@ def test_truncated_without_sample_indices_says_how_to_fix_it():
     model = _truncated()
     with pytest.raises(ValueError, match="return_indices=True"):
         model.training_step((torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])), 0)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", limit_train_batches=1, **QUIET)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1)
     with pytest.raises(ValueError, match="return_indices=True"):
         trainer.fit(model, DigitsDataModule(batch_size=64, return_indices=False))
 
@@ -490,7 +460,7 @@ def test_weights_are_p_y_above_k_under_the_current_model_on_schedule(tmp_path):
                 epochs.append((trainer.current_epoch, int(pl_module.pruned_epoch)))
 
     save = _SaveAtEpochStart(str(tmp_path), epoch=5)
-    trainer = L.Trainer(max_epochs=6, accelerator="cpu", callbacks=[Record(), save], **QUIET)
+    trainer = quiet_trainer(max_epochs=6, callbacks=[Record(), save])
     trainer.fit(model, data)
     assert [e for e, _ in epochs] == list(range(6))
     assert [p for _, p in epochs] == [-1, -1, -1, 3, 3, 5]  # start 3, every 2
@@ -511,9 +481,7 @@ def test_truncated_checkpoint_resume_restores_the_weights_exactly(tmp_path):
         return _truncated(prune_start_epoch=3), _noisy_digits()
 
     def trainer(epochs, **kwargs):
-        return L.Trainer(
-            max_epochs=epochs, accelerator="cpu", deterministic=True, **QUIET, **kwargs
-        )
+        return quiet_trainer(max_epochs=epochs, deterministic=True, **kwargs)
 
     model, data = make()
     trainer(5).fit(model, data)
@@ -546,15 +514,12 @@ def test_ddp_ranks_hold_the_same_weights_as_one_process(tmp_path):
     # k low so that after one short epoch some weights are 1 and some 0
     model = _truncated(prune_start_epoch=1, prune_every=1, k=0.12)
     data = _noisy_digits(batch_size=32)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
-        accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
         limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[_SaveAtEpochStart(str(tmp_path), epoch=1)],
-        **QUIET,
     )
     trainer.fit(model, data)
     data.setup()  # the splits were built in the spawned processes
