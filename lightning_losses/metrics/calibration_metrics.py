@@ -221,7 +221,35 @@ class ClasswiseCalibrationError(_CalibrationMetric):
         return calibration_error_from_bins(bins, self.norm).mean().to(_OUT)
 
 
-class BrierScore(_CalibrationMetric):
+class _SampleMean(_CalibrationMetric):
+    """The mean over every sample seen of a per-sample value: a float64 sum named
+    :attr:`_sum_state` and an int64 count (both sum-reduced); ``compute()`` returns a float32
+    scalar (NaN, with a warning, before any sample)."""
+
+    _sum_state: str
+
+    def __init__(self, validate_args: bool = True, **kwargs: Any) -> None:
+        super().__init__(validate_args, **kwargs)
+        self._add_sum_state(self._sum_state, (), _ACC)
+        self._add_sum_state("count", (), torch.int64)
+
+    def _batch_sum(self, probs: Tensor, labels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        """Add a batch: ``probs`` (N, C) probabilities, ``labels`` (N,) class indices."""
+        self._check(probs, labels)
+        self._accumulate(self._sum_state, self._batch_sum(probs, labels))
+        self._accumulate("count", torch.tensor(probs.shape[0], device=self.count.device))
+
+    def compute(self) -> Tensor:
+        """The mean over every sample seen (float32 scalar)."""
+        if int(self.count) == 0:
+            return self._nan_without_samples()
+        return (getattr(self, self._sum_state).to(_ACC) / self.count).to(_OUT)
+
+
+class BrierScore(_SampleMean):
     """Brier score; see :func:`~lightning_losses.metrics.brier_score`.
 
     State: float64 sum of per-sample squared errors and an int64 count (sum-reduced).
@@ -232,49 +260,28 @@ class BrierScore(_CalibrationMetric):
         validate_args: see :class:`CalibrationError`.
     """
 
+    _sum_state = "sum_squared_error"
+
     def __init__(self, top_label: bool = False, validate_args: bool = True, **kwargs: Any) -> None:
         super().__init__(validate_args, **kwargs)
         if not isinstance(top_label, bool):
             raise ValueError(f"top_label must be a bool, got {top_label!r}")
         self.top_label = top_label
-        self._add_sum_state("sum_squared_error", (), _ACC)
-        self._add_sum_state("count", (), torch.int64)
 
-    def update(self, probs: Tensor, labels: Tensor) -> None:
-        """Add a batch: ``probs`` (N, C) probabilities, ``labels`` (N,) class indices."""
-        self._check(probs, labels)
-        self._accumulate("sum_squared_error", _brier_sum(probs, labels, self.top_label))
-        self._accumulate("count", torch.tensor(probs.shape[0], device=self.count.device))
-
-    def compute(self) -> Tensor:
-        """The Brier score over every sample seen (float32 scalar)."""
-        if int(self.count) == 0:
-            return self._nan_without_samples()
-        return (self.sum_squared_error.to(_ACC) / self.count).to(_OUT)
+    def _batch_sum(self, probs: Tensor, labels: Tensor) -> Tensor:
+        return _brier_sum(probs, labels, self.top_label)
 
 
-class NegativeLogLikelihood(_CalibrationMetric):
+class NegativeLogLikelihood(_SampleMean):
     """Mean NLL of the true class; see :func:`~lightning_losses.metrics.negative_log_likelihood`.
 
     State: float64 sum of -log p_y and an int64 count (sum-reduced).
     """
 
-    def __init__(self, validate_args: bool = True, **kwargs: Any) -> None:
-        super().__init__(validate_args, **kwargs)
-        self._add_sum_state("sum_nll", (), _ACC)
-        self._add_sum_state("count", (), torch.int64)
+    _sum_state = "sum_nll"
 
-    def update(self, probs: Tensor, labels: Tensor) -> None:
-        """Add a batch: ``probs`` (N, C) probabilities, ``labels`` (N,) class indices."""
-        self._check(probs, labels)
-        self._accumulate("sum_nll", _nll_sum(probs, labels))
-        self._accumulate("count", torch.tensor(probs.shape[0], device=self.count.device))
-
-    def compute(self) -> Tensor:
-        """The mean NLL over every sample seen (float32 scalar)."""
-        if int(self.count) == 0:
-            return self._nan_without_samples()
-        return (self.sum_nll.to(_ACC) / self.count).to(_OUT)
+    def _batch_sum(self, probs: Tensor, labels: Tensor) -> Tensor:
+        return _nll_sum(probs, labels)
 
 
 class CorrectnessAUROC(_CalibrationMetric):
