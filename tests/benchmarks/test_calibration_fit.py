@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "calibration_fit.py"
+from tests.benchmarks import load_benchmark
 
 
 def test_ca_speedup_tiny():
-    spec = importlib.util.spec_from_file_location("bench_calibration_fit", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("calibration_fit")
     body = module.ca_speedup(n=600, c=10, steps=6, batch_size=100, seed=0)
     assert body.count("\n|") >= 4  # header, rule and three rows
     differences = [float(x) for x in re.findall(r"(\d\.\de-\d+) \(relative", body)]

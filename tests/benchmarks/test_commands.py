@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(_DIR))  # commands.py imports its sibling harness.py
-_spec = importlib.util.spec_from_file_location("bench_commands", _DIR / "commands.py")
-commands = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(commands)
+from tests.benchmarks import load_benchmark
+
+commands = load_benchmark("commands")
 
 
 def test_threads_table_medians_and_ratios(monkeypatch):

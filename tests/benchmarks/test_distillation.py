@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = REPO / "benchmarks" / "distillation.py"
-    spec = importlib.util.spec_from_file_location("bench_distillation", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_benchmark("distillation")
+    sys.modules.pop("bench_distillation", None)
 
 
 def test_tiny_run_writes_every_table(bench, tmp_path):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "el_study.py"
-spec = importlib.util.spec_from_file_location("el_study", PATH)
-el_study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(el_study)
+from tests.benchmarks import load_benchmark
+
+el_study = load_benchmark("el_study")
 
 
 def test_first_reaching_interpolates_in_log_fid():

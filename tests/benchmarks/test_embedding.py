@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.benchmarks import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
-PATH = ROOT / "benchmarks" / "embedding.py"
-sys.path.insert(0, str(PATH.parent))
-spec = importlib.util.spec_from_file_location("embedding_benchmark", PATH)
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = load_benchmark("embedding")
 
 
 def test_averaged_step_and_share():

@@ -1,13 +1,10 @@
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "harness.py"
-_spec = importlib.util.spec_from_file_location("bench_harness", _PATH)
-harness = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(harness)
+from tests.benchmarks import load_benchmark
+
+harness = load_benchmark("harness")
 
 DOC = "# Results\n\nintro\n\n## A\n\nold a\n\n## B\n\nkeep b  \n| x |\n\n## C\n\nkeep c"
 

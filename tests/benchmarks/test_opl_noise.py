@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "opl_noise.py"
-spec = importlib.util.spec_from_file_location("opl_noise", PATH)
-opl_noise = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(opl_noise)
+from tests.benchmarks import load_benchmark
+
+opl_noise = load_benchmark("opl_noise")
 
 
 def test_select_takes_the_first_maximum_of_each_criterion():
