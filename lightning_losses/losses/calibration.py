@@ -277,7 +277,7 @@ def tempered_confidence(
     compute them once per cached split); then :math:`c_i = 1 / \\sum_k \\exp(d_{ik} / T_i)`
     (the predicted class is the same for every :math:`T_i > 0`). Gradient flows to
     ``temperature`` only, in closed form (three element-wise passes forward, none backward):
-    the value of ``softmax(z / T).max(1)`` to float rounding, several times faster at large C.
+    the value of ``softmax(z / T).max(1)`` to float rounding, with no (N, C) softmax backward.
     With ``base="2"``, ``shifted_logits`` are given as :math:`d \\log_2 e` (a fit multiplies
     once, not every step).
 

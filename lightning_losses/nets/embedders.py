@@ -78,8 +78,8 @@ def _conv_tokens(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """``conv(x)`` as one matrix product, (B, C, H, W) -> (B, H' W', out) tokens (row-major).
 
     The same sums as the convolution, in a layout whose ReLU / GELU and spatial mean are
-    contiguous passes. For a layer on the image's few channels this is several times faster than
-    the convolution kernels on the CPU, most of all the backward to the input.
+    contiguous passes; used for a layer on the image's few channels, where the CPU convolution
+    kernels (most of all their backward to the input) are slow.
     """
     rows, length = _patch_rows(x, conv)
     weight = conv.weight.flatten(1)
