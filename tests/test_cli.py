@@ -34,29 +34,47 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _console(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def console(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess[str], Path]]:
+    """The console script run twice, at once (each start imports Lightning: a core each).
+
+    ``"ok"``: the digits config with ``fast_dev_run``; ``"typo"``: the same with ``max_epoch``.
+    Returns ``{name: (result, working directory)}``.
+    """
     assert SCRIPT.is_file(), f"{SCRIPT} missing: install the package (make test does)"
-    return subprocess.run(
-        [str(SCRIPT), *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300
-    )
+    typo = yaml.safe_load(DIGITS.read_text())
+    typo["trainer"]["max_epoch"] = typo["trainer"].pop("max_epochs")
+    runs = {}
+    for name in ("ok", "typo"):
+        cwd = tmp_path_factory.mktemp(f"console_{name}")
+        config = DIGITS
+        if name == "typo":
+            config = cwd / "typo.yaml"
+            config.write_text(yaml.safe_dump(typo))
+        argv = [str(SCRIPT), "fit", "--config", str(config), "--trainer.fast_dev_run=true"]
+        process = subprocess.Popen(
+            argv, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        runs[name] = (argv, process, cwd)
+    results = {}
+    for name, (argv, process, cwd) in runs.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[name] = (subprocess.CompletedProcess(argv, process.returncode, stdout, stderr), cwd)
+    return results
 
 
-def test_console_script_exits_0_after_a_successful_fit(tmp_path):
-    result = _console("fit", "--config", str(DIGITS), "--trainer.fast_dev_run=true", cwd=tmp_path)
+def test_console_script_exits_0_after_a_successful_fit(console):
+    result, _ = console["ok"]
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "LossesCLI object" not in result.stdout + result.stderr
     assert "fast_dev_run" in result.stdout + result.stderr  # it did run the Trainer
 
 
-def test_console_script_exits_non_zero_with_jsonargparse_message_on_a_typo(tmp_path):
-    config = yaml.safe_load(DIGITS.read_text())
-    config["trainer"]["max_epoch"] = config["trainer"].pop("max_epochs")  # the typo
-    path = tmp_path / "typo.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = _console("fit", "--config", str(path), "--trainer.fast_dev_run=true", cwd=tmp_path)
+def test_console_script_exits_non_zero_with_jsonargparse_message_on_a_typo(console):
+    result, cwd = console["typo"]
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-4000:]
     assert "does not accept option 'trainer.max_epoch'" in result.stderr
-    assert not (tmp_path / "runs").exists()  # nothing ran
+    assert not (cwd / "runs").exists()  # nothing ran
 
 
 def test_main_returns_none_for_the_command_line(monkeypatch, tmp_path):
