@@ -46,17 +46,18 @@ class LossesCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
+#: The keyword arguments :class:`LossesCLI` gets besides ``args`` and ``run``: any module and data
+#: module class from the config, the modules' own optimizers, the saved config overwritten.
+CLI_KWARGS: dict[str, Any] = {
+    "subclass_mode_model": True,
+    "subclass_mode_data": True,
+    "auto_configure_optimizers": False,
+    "save_config_kwargs": {"overwrite": True},
+}
+
+
 def _build(args: list[str] | dict[str, Any] | None, run: bool) -> LossesCLI:
-    return LossesCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    return LossesCLI(L.LightningModule, L.LightningDataModule, args=args, run=run, **CLI_KWARGS)
 
 
 @overload
