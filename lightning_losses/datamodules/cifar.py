@@ -49,6 +49,7 @@ class CIFARDataModule(ClassificationDataModule):
 
     _name: str = ""
     _folder: str = ""
+    _torchvision_class: str = ""  # the torchvision.datasets class
     _num_classes: int = 0
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -87,7 +88,9 @@ class CIFARDataModule(ClassificationDataModule):
         return (3, 32, 32)
 
     def _dataset_class(self) -> type:
-        raise NotImplementedError
+        import torchvision.datasets
+
+        return getattr(torchvision.datasets, self._torchvision_class)
 
     def _normalization(self) -> Any:
         from torchvision import transforms as T
@@ -155,27 +158,19 @@ class CIFAR10DataModule(CIFARDataModule):
     """CIFAR-10 (10 classes, 50k train / 10k test), see :class:`CIFARDataModule`."""
 
     _name = "CIFAR-10"
+    _torchvision_class = "CIFAR10"
     _folder = "cifar-10-batches-py"
     _num_classes = 10
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
-
-    def _dataset_class(self) -> type:
-        from torchvision.datasets import CIFAR10
-
-        return CIFAR10
 
 
 class CIFAR100DataModule(CIFARDataModule):
     """CIFAR-100 (100 fine classes, 50k train / 10k test), see :class:`CIFARDataModule`."""
 
     _name = "CIFAR-100"
+    _torchvision_class = "CIFAR100"
     _folder = "cifar-100-python"
     _num_classes = 100
     mean = (0.5071, 0.4865, 0.4409)
     std = (0.2673, 0.2564, 0.2762)
-
-    def _dataset_class(self) -> type:
-        from torchvision.datasets import CIFAR100
-
-        return CIFAR100
