@@ -7,6 +7,7 @@ code cell, and end with a code cell that prints one JSON object holding at least
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -124,24 +125,48 @@ def test_notebook_is_stored_without_outputs(path):
             assert cell.execution_count is None, f"cell {index} of {path.name} has a count"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes_in_fast_mode(path, tmp_path):
+async def _execute(path: Path, spec_root: Path) -> Any:
     notebook = nbformat.read(path, as_version=4)
-    before = sorted(p.relative_to(NOTEBOOK_DIR) for p in NOTEBOOK_DIR.rglob("*"))
     client = nbclient.NotebookClient(
         notebook,
-        km=_kernel_manager(tmp_path / "jupyter"),
+        km=_kernel_manager(spec_root),
         timeout=CELL_TIMEOUT_S,
         startup_timeout=120,
         allow_errors=False,
         resources={"metadata": {"path": str(NOTEBOOK_DIR)}},  # the kernel's working directory
     )
-    client.execute(env=_kernel_env())  # raises CellExecutionError on the first failing cell
+    await client.async_execute(env=_kernel_env())  # raises CellExecutionError at a failing cell
+    return notebook
 
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory) -> dict[str, Any]:
+    """Every notebook run at once, each in its own kernel (a process: the cores share the work).
+
+    Returns ``{stem: the executed notebook, or the exception it raised}`` and, under
+    ``"written"``, what appeared in (or went from) notebooks/ meanwhile.
+    """
+    before = set(NOTEBOOK_DIR.rglob("*"))
+
+    async def run_all() -> list[Any]:
+        roots = [tmp_path_factory.mktemp(f"jupyter_{path.stem}") for path in NOTEBOOKS]
+        runs = [_execute(path, root) for path, root in zip(NOTEBOOKS, roots)]
+        return await asyncio.gather(*runs, return_exceptions=True)
+
+    outcomes = asyncio.run(run_all())
+    changed = set(NOTEBOOK_DIR.rglob("*")) ^ before  # written or removed
+    written = sorted(p.relative_to(NOTEBOOK_DIR) for p in changed)
+    return {"written": written, **{p.stem: o for p, o in zip(NOTEBOOKS, outcomes)}}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes_in_fast_mode(path, executed):
+    notebook = executed[path.stem]
+    if isinstance(notebook, BaseException):
+        raise notebook  # CellExecutionError names the failing cell
     summary = _summary(notebook)
     assert summary.get("fast") is True, "the notebook must read LIGHTNING_LOSSES_FAST=1"
     check = SUMMARY_CHECKS.get(path.stem)
     if check is not None:
         check(summary)
-    after = sorted(p.relative_to(NOTEBOOK_DIR) for p in NOTEBOOK_DIR.rglob("*"))
-    assert after == before, f"{path.name} wrote into notebooks/: {set(after) - set(before)}"
+    assert not executed["written"], f"the notebooks wrote into notebooks/: {executed['written']}"
