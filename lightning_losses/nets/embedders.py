@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_losses.checks import check_tensor
+
 __all__ = ["EMBEDDER_FAMILIES", "RandomEmbedderBank"]
 
 #: The network families of :class:`RandomEmbedderBank`, in the default cycling order.
@@ -345,9 +347,7 @@ class RandomEmbedderBank(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        if not isinstance(x, Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be a 4-D image batch (B, C, H, W), got {shape}")
+        check_tensor(x, "x", 4, "(B, C, H, W) (a 4-D image batch)")
         if x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x has {x.shape[1]} channels (shape {tuple(x.shape)}) but the bank was built "
