@@ -57,20 +57,24 @@ print(json.dumps({"imported": names, "on_import": on_import, "loaded": sorted(sy
 """
 
 
-def _probe(package: str, walk: bool) -> dict[str, list[str]]:
-    """In a fresh interpreter: ``sys.modules`` after ``import package`` (and its :data:`USE`),
-    then after the walk."""
+@pytest.fixture(scope="module")
+def probes() -> dict[str, subprocess.CompletedProcess[str]]:
+    """For every package, a fresh interpreter: ``sys.modules`` after ``import package`` (and its
+    :data:`USE`), then after the walk (pure packages). The interpreters run at once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", _PROBE, package, "walk" if walk else "top", USE.get(package, "")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    running = {}
+    for package in FORBIDDEN_ON_IMPORT:
+        walk = "walk" if package in PURE else "top"
+        argv = [sys.executable, "-c", _PROBE, package, walk, USE.get(package, "")]
+        running[package] = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    results = {}
+    for package, process in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[package] = subprocess.CompletedProcess(process.args, process.returncode, stdout,
+                                                       stderr)  # fmt: skip
+    return results
 
 
 def _present(names: list[str], loaded: list[str]) -> list[str]:
@@ -78,9 +82,11 @@ def _present(names: list[str], loaded: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN_ON_IMPORT))
-def test_imports_follow_the_layering(package):
+def test_imports_follow_the_layering(package, probes):
     walk = package in PURE
-    found = _probe(package, walk)
+    result = probes[package]
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
     bad = _present(FORBIDDEN_ON_IMPORT[package], found["on_import"])
     assert not bad, f"import {package} loaded {bad}: import them where they are used"
     if walk:
