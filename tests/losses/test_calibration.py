@@ -191,22 +191,19 @@ def test_autocast_is_disabled_inside():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_mse_is_brier_score(seed):
+@pytest.mark.parametrize(
+    ("objective", "reference", "upper"),
+    [(calibration_mse, reference_brier, 2.0), (calibration_cross_entropy, reference_nll, math.inf)],
+    ids=["mse_is_brier", "ce_is_nll"],
+)
+def test_mse_and_cross_entropy_match_their_references(objective, reference, upper, seed):
     logits, labels = _batch(seed, n=17, c=6)
-    out = calibration_mse(logits, labels).loss
+    out = objective(logits, labels).loss
     assert out.dtype == torch.float64
-    assert out.item() == pytest.approx(reference_brier(logits, labels), abs=1e-12)
-    assert 0.0 <= out.item() <= 2.0
+    assert out.item() == pytest.approx(reference(logits, labels), abs=1e-12)
+    assert 0.0 <= out.item() <= upper
     x = logits.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: calibration_mse(t, labels).loss, (x,))
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_cross_entropy_matches_reference(seed):
-    logits, labels = _batch(seed, n=17, c=6)
-    out = calibration_cross_entropy(logits, labels).loss
-    assert out.dtype == torch.float64
-    assert out.item() == pytest.approx(reference_nll(logits, labels), abs=1e-12)
+    assert torch.autograd.gradcheck(lambda t: objective(t, labels).loss, (x,))
 
 
 def test_objectives_rank_the_paper_toy_example():
