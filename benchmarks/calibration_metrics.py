@@ -16,12 +16,8 @@ Prints a markdown table (command, date, machine). Full run:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import resource
-import shlex
 import subprocess
 import sys
 import time
@@ -34,6 +30,9 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassCalibrationError
 
 from lightning_losses.metrics import CalibrationError
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import PeakRSS, header, markdown_table, status_kib  # noqa: E402
 
 OURS = "ours: CalibrationError"
 THEIRS = "torchmetrics: MulticlassCalibrationError"
@@ -91,42 +90,26 @@ def state_bytes(metric: Metric) -> int:
     return total
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024  # kB
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; Linux >= 4.0."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_child(args: argparse.Namespace) -> None:
     """Generate the chunks, update one metric (or none), report the peak RSS of that loop.
 
     The imports (torch, torchmetrics, matplotlib via torchmetrics) peak above the loop, so the
-    peak mark is reset after them: what is reported is the peak RSS during updates + compute.
+    peak mark is reset after them (:class:`harness.PeakRSS`): what is reported is the peak RSS
+    during updates + compute.
     """
     metric = None
     if args.child != "none":
         metric = make_metrics(args)[OURS if args.child == "ours" else THEIRS]
-    before = _status_mib("VmRSS")
-    reset = reset_peak_rss()
-    for probs, labels in chunks(args):
-        if metric is not None:
-            metric.update(probs, labels)
-        del probs, labels
-    value = float(metric.compute()) if metric is not None else float("nan")
-    peak = (
-        _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    print(json.dumps({"before_mib": before, "peak_mib": peak, "reset": reset, "value": value}))
+    before = status_kib("VmRSS") / 1024
+    with PeakRSS() as peak:
+        for probs, labels in chunks(args):
+            if metric is not None:
+                metric.update(probs, labels)
+            del probs, labels
+        value = float(metric.compute()) if metric is not None else float("nan")
+    growth = peak.bytes / 2**20
+    record = {"before_mib": before, "peak_mib": before + growth, "method": peak.method}
+    print(json.dumps({**record, "value": value}))
 
 
 def child_rss(kind: str) -> dict[str, float]:
@@ -138,20 +121,6 @@ def child_rss(kind: str) -> dict[str, float]:
 
 def fmt_bytes(n: int) -> str:
     return f"{n} B" if n < 1024 else f"{n / 2**20:.2f} MiB"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} visible cores, torch threads {torch.get_num_threads()}; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"torchmetrics {torchmetrics.__version__}, {platform.system()} {platform.release()}"
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,35 +147,46 @@ def main(argv: list[str] | None = None) -> None:
         rss[OURS] = child_rss("ours")
         rss[THEIRS] = child_rss("torchmetrics")
 
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     base = update_s[OURS] + compute_s[OURS]
-    print(f"Command: `{command}`  ")
-    print(f"Date: {date}  ")
-    print(f"Machine: {machine()}  ")
+    print(header(["python", *sys.argv]))
     print(
         f"Data: N = {args.n:,} float32 softmax rows, C = {args.classes}, {args.n_bins} bins, "
-        f"update() in batches of {args.batch:,}, the same chunks fed to every metric.\n"
+        f"update() in batches of {args.batch:,}, the same chunks fed to every metric "
+        f"(torchmetrics {torchmetrics.__version__}).\n"
     )
-    print(
-        "| metric | update total (s) | compute (s) | total (s) | time / ours | state after "
-        "all updates | peak RSS in the loop, child (MiB) | ECE |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    headers = [
+        "metric",
+        "update total (s)",
+        "compute (s)",
+        "total (s)",
+        "time / ours",
+        "state after all updates",
+        "peak RSS in the loop, child (MiB)",
+        "ECE",
+    ]
+    rows = []
     for name in names:
         total = update_s[name] + compute_s[name]
         peak = "-"
         if name in rss:
             grown = rss[name]["peak_mib"] - rss[name]["before_mib"]
             peak = f"{rss[name]['peak_mib']:.0f} (+{grown:.0f} over start)"
-        print(
-            f"| {name} | {update_s[name]:.2f} | {compute_s[name]:.4f} | {total:.2f} | "
-            f"{total / base:.2f}x | {fmt_bytes(state_bytes(metrics[name]))} | {peak} | "
-            f"{values[name]:.6f} |"
+        rows.append(
+            [
+                name,
+                f"{update_s[name]:.2f}",
+                f"{compute_s[name]:.4f}",
+                f"{total:.2f}",
+                f"{total / base:.2f}x",
+                fmt_bytes(state_bytes(metrics[name])),
+                peak,
+                f"{values[name]:.6f}",
+            ]
         )
+    print(markdown_table(headers, rows), end="")
     if rss:
         none = rss["none"]
-        how = "peak mark reset after imports" if none["reset"] else "lifetime ru_maxrss"
+        how = f"{none['method']}, after the imports"
         print(
             f"\nPeak RSS ({how}) of a child that generates the same chunks and updates no metric: "
             f"{none['peak_mib']:.0f} MiB (+{none['peak_mib'] - none['before_mib']:.0f} over "

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "RESULTS.md"
 
 
-def _status_kib(field: str, pid: str = "self") -> int:
+def status_kib(field: str, pid: str = "self") -> int:
     """A ``kB`` field (``VmRSS``, ``VmHWM``) of /proc/<pid>/status, in KiB."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -84,12 +84,12 @@ class PeakRSS:
         try:
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")
-            self._base_kib = _status_kib("VmRSS")
-            if _status_kib("VmHWM") > self._base_kib + 64:  # reset did not take
+            self._base_kib = status_kib("VmRSS")
+            if status_kib("VmHWM") > self._base_kib + 64:  # reset did not take
                 raise OSError
         except OSError:
             try:
-                self._base_kib = _status_kib("VmHWM")
+                self._base_kib = status_kib("VmHWM")
                 self.method = "no reset (VmHWM not resettable): growth above the earlier peak"
             except OSError:
                 self._base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -100,7 +100,7 @@ class PeakRSS:
         if self.method.startswith("lifetime"):
             now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         else:
-            now = _status_kib("VmHWM")
+            now = status_kib("VmHWM")
         self.bytes = max(0, now - self._base_kib) * 1024
 
 
