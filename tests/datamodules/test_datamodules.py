@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import quiet_trainer
 from lightning.fabric.utilities.data import _replace_dunder_methods
 from lightning.pytorch.utilities.data import _is_dataloader_shuffled
 from PIL import Image
@@ -91,16 +92,7 @@ class _RecordLabels(L.LightningModule):
 def test_trainer_sets_the_epoch_so_batches_follow_seed_plus_epoch():
     dm = DigitsDataModule(batch_size=16, seed=5)
     model = _RecordLabels()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        limit_train_batches=3,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
     targets = dm.train_dataset.tensors[1]
     for epoch in (0, 1):
