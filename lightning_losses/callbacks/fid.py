@@ -1,15 +1,10 @@
 """FID of a generative module's samples during training (torchmetrics' FID).
 
-:class:`FIDCallback` evaluates
-
-.. math::
-
-    \\mathrm{FID} = \\lVert \\mu_r - \\mu_g \\rVert^2
-        + \\operatorname{tr}\\big(\\Sigma_r + \\Sigma_g - 2 (\\Sigma_r \\Sigma_g)^{1/2}\\big)
-
-between the features of real images (mean :math:`\\mu_r`, covariance :math:`\\Sigma_r`, computed
-once and kept) and of ``num_samples`` images from ``pl_module.sample`` (the EMA generator of the
-distillation modules), always from the same noise. The features come from one of
+:class:`FIDCallback` evaluates the Frechet distance (the formula is in
+:mod:`lightning_losses.metrics.digits_fid`) between the features of real images (their mean and
+covariance computed once and kept) and of ``num_samples`` images from ``pl_module.sample``
+(the EMA generator of the distillation modules), always from the same noise. The features come
+from one of
 
 - ``2048`` (or 64 / 192 / 768): torchmetrics' Inception-v3 (torch-fidelity's FID weights, the
   TensorFlow-compatible resize), the usual FID; the weights are downloaded once, which fails
