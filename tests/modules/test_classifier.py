@@ -12,12 +12,17 @@ import torch
 import torch.nn.functional as F
 from fakes import TinyMLP, ToyImages, quiet_trainer
 
-from lightning_losses.cli import main
+from lightning_losses.cli import LossesCLI, main
 from lightning_losses.datamodules import DigitsDataModule
 from lightning_losses.losses import orthogonal_projection_loss
 from lightning_losses.modules import OPLClassifier, WarmupMultiStepLR
 
 QUIET_ARGS = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _fit(config: Path | str, *args: str) -> LossesCLI:
+    """``lightning-losses fit --config config *args`` (quiet) in this process."""
+    return main(args=["fit", "--config", str(config), *args, *QUIET_ARGS])
 
 
 def _sgd(lr: float = 0.5):
@@ -251,15 +256,10 @@ def test_every_config_instantiates(config, tmp_path):
 
 
 def test_digits_config_fast_dev_run(repo_root, tmp_path):
-    cli = main(
-        args=[
-            "fit",
-            "--config",
-            str(repo_root / "configs/opl/digits.yaml"),
-            "--trainer.fast_dev_run=2",
-            f"--trainer.default_root_dir={tmp_path}",
-            *QUIET_ARGS,
-        ]
+    cli = _fit(
+        repo_root / "configs/opl/digits.yaml",
+        "--trainer.fast_dev_run=2",
+        f"--trainer.default_root_dir={tmp_path}",
     )
     assert cli.trainer.state.finished
     assert isinstance(cli.model, OPLClassifier) and cli.model.num_classes == 10
@@ -267,23 +267,18 @@ def test_digits_config_fast_dev_run(repo_root, tmp_path):
 
 
 def test_user_subclass_runs_through_the_cli_by_class_path(repo_root, tmp_path):
-    cli = main(
-        args=[
-            "fit",
-            "--config",
-            str(repo_root / "configs/opl/digits.yaml"),
-            "--model",
-            "user_project.MyClassifier",
-            "--model.init_args.ce_scale=3.0",
-            "--trainer.max_epochs=2",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.logger=false",
-            "--trainer.callbacks=[]",
-            "--trainer.enable_checkpointing=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            *QUIET_ARGS,
-        ]
+    cli = _fit(
+        repo_root / "configs/opl/digits.yaml",
+        "--model",
+        "user_project.MyClassifier",
+        "--model.init_args.ce_scale=3.0",
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        "--trainer.enable_checkpointing=false",
+        f"--trainer.default_root_dir={tmp_path}",
     )
     model = cli.model
     assert type(model).__name__ == "MyClassifier" and model.ce_scale == 3.0
@@ -292,18 +287,13 @@ def test_user_subclass_runs_through_the_cli_by_class_path(repo_root, tmp_path):
 
 
 def test_cli_checkpoint_reloads_without_arguments(repo_root, tmp_path):
-    main(
-        args=[
-            "fit",
-            "--config",
-            str(repo_root / "configs/opl/digits_ce.yaml"),
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            *QUIET_ARGS,
-        ]
+    _fit(
+        repo_root / "configs/opl/digits_ce.yaml",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
     )
     path = tmp_path / "ckpt" / "last.ckpt"
     model = OPLClassifier.load_from_checkpoint(path)  # the backbone comes from its config
@@ -541,16 +531,7 @@ NOISE_CONFIGS = sorted(
 
 @pytest.mark.parametrize("config", NOISE_CONFIGS, ids=lambda p: p.name)
 def test_digits_noise_configs_fast_dev_run(config, tmp_path):
-    cli = main(
-        args=[
-            "fit",
-            "--config",
-            str(config),
-            "--trainer.fast_dev_run=2",
-            f"--trainer.default_root_dir={tmp_path}",
-            *QUIET_ARGS,
-        ]
-    )
+    cli = _fit(config, "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}")
     model, data = cli.model, cli.datamodule
     assert cli.trainer.state.finished and isinstance(model, OPLClassifier)
     assert (model.opl.gamma, model.opl.abs_mode) == (2.0, "pair")
