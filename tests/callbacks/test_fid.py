@@ -29,18 +29,10 @@ from lightning_losses.metrics.digits_fid import (
 )
 from lightning_losses.modules import DMDDistillation
 from lightning_losses.nets import SmallCNN
+from tests.fakes import QUIET as FAKE_QUIET
 
 REPO = Path(__file__).resolve().parents[2]
-QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-    limit_val_batches=0,
-)
+QUIET = {**FAKE_QUIET, "limit_val_batches": 0}
 
 
 # ------------------------------------------------------------------------------------------

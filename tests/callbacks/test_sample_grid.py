@@ -21,16 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_losses.callbacks import SampleGridCallback
 from lightning_losses.diffusion import EDMPrecond, unet_for_images
 from lightning_losses.modules import DMDDistillation
+from tests.fakes import QUIET
 
-QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
 PAD = 2  # torchvision's save_image default
 
 

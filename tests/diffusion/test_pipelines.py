@@ -24,6 +24,7 @@ from lightning_losses.diffusion import (
 from lightning_losses.modules import DMDDistillation
 from lightning_losses.modules.distillation import load_teacher
 from lightning_losses.modules.teacher import DiffusionTeacher
+from tests.fakes import QUIET
 
 diffusers = pytest.importorskip("diffusers")
 from lightning_losses.diffusion.pipelines import (  # noqa: E402 (needs diffusers)
@@ -33,15 +34,6 @@ from lightning_losses.diffusion.pipelines import (  # noqa: E402 (needs diffuser
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR_CONFIG = REPO / "configs/distillation/cifar10_dmd_el.yaml"
-QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
 
 
 # ------------------------------------------------------------------------------------------

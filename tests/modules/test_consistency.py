@@ -33,6 +33,7 @@ from lightning_losses.losses import (
     pseudo_huber_c,
 )
 from lightning_losses.modules import ConsistencyDistillation
+from tests.fakes import QUIET
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIGS = [
@@ -40,15 +41,6 @@ DIGITS_CONFIGS = [
     REPO / "configs/distillation/digits_cm_el.yaml",
 ]
 CIFAR_CONFIG = REPO / "configs/distillation/cifar10_cm_el.yaml"
-QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
 
 
 class RealImages(L.LightningDataModule):

@@ -19,6 +19,7 @@ from lightning_losses.datamodules import CIFAR10DataModule
 from lightning_losses.diffusion import DiffusersEpsDenoiser, EDMPrecond, unet_for_images
 from lightning_losses.losses import EmbeddingLoss, diff_instruct_loss
 from lightning_losses.modules import DiffInstructDistillation, DiffusionTeacher
+from tests.fakes import QUIET
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIGS = [
@@ -26,15 +27,6 @@ DIGITS_CONFIGS = [
     REPO / "configs/distillation/digits_di_el.yaml",
 ]
 CIFAR_CONFIG = REPO / "configs/distillation/cifar10_di_el.yaml"
-QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
 
 
 # ------------------------------------------------------------------------------------------

@@ -22,21 +22,13 @@ from lightning_losses.modules.distillation import (
     GeneratorObjective,
     load_teacher,
 )
+from tests.fakes import QUIET
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [
     REPO / "configs/distillation/digits_dmd.yaml",
     REPO / "configs/distillation/digits_dmd_el.yaml",
 ]
-QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
 
 
 class TinyImages(L.LightningDataModule):
