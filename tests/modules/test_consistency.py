@@ -34,6 +34,7 @@ from lightning_losses.losses import (
 )
 from lightning_losses.modules import ConsistencyDistillation
 from tests.fakes import QUIET
+from tests.modules.distillation_helpers import assert_same, changed, fit, state
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIGS = [
@@ -94,26 +95,6 @@ def tiny_teacher(num_classes: int | None = None) -> EDMPrecond:
 
 def cd(teacher: Denoiser | None = None, **kwargs) -> ConsistencyDistillation:
     return ConsistencyDistillation(teacher=tiny_teacher() if teacher is None else teacher, **kwargs)
-
-
-def fit(model: L.LightningModule, data: L.LightningDataModule, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(**{**QUIET, "max_epochs": 1, **trainer_kwargs})
-    trainer.fit(model, data)
-    return trainer
-
-
-def state(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-def changed(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
-    return any(not torch.equal(a[k], b[k]) for k in a)
 
 
 class Recorder(L.Callback):

@@ -20,6 +20,7 @@ from lightning_losses.diffusion import DiffusersEpsDenoiser, EDMPrecond, unet_fo
 from lightning_losses.losses import EmbeddingLoss, diff_instruct_loss
 from lightning_losses.modules import DiffInstructDistillation, DiffusionTeacher
 from tests.fakes import QUIET
+from tests.modules.distillation_helpers import assert_same, changed, fit, state
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIGS = [
@@ -91,26 +92,6 @@ def di(teacher: EDMPrecond | None = None, **kwargs) -> DiffInstructDistillation:
     return DiffInstructDistillation(
         teacher=tiny_teacher() if teacher is None else teacher, **kwargs
     )
-
-
-def fit(model: L.LightningModule, data: L.LightningDataModule, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(**{**QUIET, "max_epochs": 1, **trainer_kwargs})
-    trainer.fit(model, data)
-    return trainer
-
-
-def state(module: torch.nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-def changed(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
-    return any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def _batch(shape=(3, 2, 4, 5), seed=0, dtype=torch.float64):
