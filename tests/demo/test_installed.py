@@ -23,12 +23,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(argv: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def _start(argv: list[str], cwd: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
-    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{argv}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
+    pipe = subprocess.PIPE
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True)
+
+
+def _finish(process: subprocess.Popen[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=timeout)
+    argv = process.args
+    assert process.returncode == 0, f"{argv}\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return _finish(_start(argv, cwd))
 
 
 @pytest.fixture(scope="module")
@@ -76,20 +86,37 @@ SERIAL_TASKS = ("0.0/CE/0", "0.4/CE+OPL/0")
 
 
 @pytest.fixture(scope="module")
-def in_process(installed, tmp_path_factory) -> tuple[str, str, dict]:
+def runs(installed, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The installed demo (two workers) and the one-process check, started at once (three
+    processes, two of them the demo's: the cores stay busy). ``{name: (result, cwd)}``."""
+    started = {}
+    for name, argv in [
+        ("demo", ["-m", "lightning_losses.demo", "--quick", "--parts", "opl", "--out", "out",
+                  "--jobs", "2"]),
+        ("in_process", ["-c", _IN_PROCESS, *SERIAL_TASKS]),
+    ]:  # fmt: skip
+        cwd = tmp_path_factory.mktemp(name)  # an empty folder
+        started[name] = (_start([str(installed), *argv], cwd), cwd)
+    try:
+        return {name: (_finish(process), cwd) for name, (process, cwd) in started.items()}
+    finally:
+        for process, _ in started.values():
+            if process.poll() is None:  # the other one failed first: leave nothing running
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def in_process(runs) -> tuple[str, str, dict]:
     """(package file, packaged config, {task key: outcome}) from one installed process."""
-    cwd = tmp_path_factory.mktemp("in_process")
-    result = _run([str(installed), "-c", _IN_PROCESS, *SERIAL_TASKS], cwd)
+    result, _ = runs["in_process"]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def demo(installed, tmp_path_factory) -> tuple[Path, str]:
+def demo(runs) -> tuple[Path, str]:
     """(output folder, stdout) of the installed demo's quick OPL part in two worker processes."""
-    cwd = tmp_path_factory.mktemp("empty")
-    result = _run(
-        [str(installed), "-m", "lightning_losses.demo", "--quick", "--parts", "opl",
-         "--out", "out", "--jobs", "2"], cwd)  # fmt: skip
+    result, cwd = runs["demo"]
     return cwd / "out", result.stdout
 
 
