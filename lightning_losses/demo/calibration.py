@@ -230,7 +230,8 @@ def report(outcomes: dict[str, Any], out_dir: Path, quick: bool = False) -> str:
         *CALIBRATION.lines(),
         "",
         "**This demo's own comparison is our variant, NOT the paper's protocol:** one "
-        "classifier (the committed digits CE classifier: about 6 of the 472 calibration digits "
+        "classifier (the CE digits classifier of `configs/opl/digits_ce.yaml`: about 6 of the "
+        "472 calibration digits "
         f"wrong, far fewer than the paper's fifth), {len(seeds)} seed"
         f"{'s' if len(seeds) > 1 else ''} of the calibration split, "
         "views and corruptions, CA with the authors' weights against temperature scaling and a "
