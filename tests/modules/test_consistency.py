@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses.cli import main
 from lightning_losses.diffusion import (
@@ -34,7 +33,16 @@ from lightning_losses.losses import (
 )
 from lightning_losses.modules import ConsistencyDistillation
 from tests.fakes import QUIET
-from tests.modules.distillation_helpers import assert_same, changed, fit, state
+from tests.modules.distillation_helpers import (
+    Recorder,
+    SameWeightsDifferentNoise,
+    TinyImages,
+    assert_float32_finite,
+    assert_same,
+    changed,
+    fit,
+    state,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIGS = [
@@ -42,39 +50,6 @@ DIGITS_CONFIGS = [
     REPO / "configs/distillation/digits_cm_el.yaml",
 ]
 CIFAR_CONFIG = REPO / "configs/distillation/cifar10_cm_el.yaml"
-
-
-class RealImages(L.LightningDataModule):
-    """``num`` random 1x8x8 'real' images in (-1, 1) with labels in {0..3}; module level (DDP)."""
-
-    def __init__(self, num: int = 16, batch_size: int = 8, labels_only: bool = False) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.tanh(2 * torch.randn(num, 1, 8, 8, generator=g))
-        self.labels = torch.arange(num) % 4
-        self.batch_size = batch_size
-        self.labels_only = labels_only
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self.labels if self.labels_only else TensorDataset(self.images, self.labels)
-        return DataLoader(dataset, batch_size=self.batch_size)
-
-
-class RanksAgree(L.Callback):
-    """Under DDP: the student (and target) stay equal on both ranks, the pair noise differs."""
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        sums = torch.stack(
-            [
-                torch.stack([p.detach().double().sum() for p in network.parameters()]).sum()
-                for network in (pl_module.generator, pl_module.target)
-            ]
-        )
-        gathered = trainer.strategy.all_gather(sums)
-        assert torch.equal(gathered[0], gathered[1]), gathered
-        noise = torch.randn(8, generator=pl_module.pair_generator(), device=pl_module.device)
-        noise = trainer.strategy.all_gather(noise)
-        assert not torch.equal(noise[0], noise[1])
 
 
 class FixedX0(Denoiser):
@@ -88,6 +63,13 @@ class FixedX0(Denoiser):
         return self.x0.to(x.dtype).expand_as(x)
 
 
+class RealImages(TinyImages):
+    """Sharper images (tanh of 2 N(0, 1)), 16 of them in batches of 8 by default."""
+
+    def __init__(self, num: int = 16, batch_size: int = 8, labels_only: bool = False) -> None:
+        super().__init__(num, batch_size, labels_only=labels_only, sharpness=2.0)
+
+
 def tiny_teacher(num_classes: int | None = None) -> EDMPrecond:
     torch.manual_seed(0)
     return EDMPrecond(unet_for_images(1, 8, (8, 16), num_classes=num_classes)).eval()
@@ -95,22 +77,6 @@ def tiny_teacher(num_classes: int | None = None) -> EDMPrecond:
 
 def cd(teacher: Denoiser | None = None, **kwargs) -> ConsistencyDistillation:
     return ConsistencyDistillation(teacher=tiny_teacher() if teacher is None else teacher, **kwargs)
-
-
-class Recorder(L.Callback):
-    """The student's weights at the start and after every step, and the logged metrics."""
-
-    def __init__(self) -> None:
-        self.start: dict[str, Tensor] = {}
-        self.after: list[dict[str, Tensor]] = []
-        self.metrics: list[dict[str, float]] = []
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start = state(pl_module.generator)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.after.append(state(pl_module.generator))
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def loud(model: ConsistencyPrecond, factor: float = 20.0) -> ConsistencyPrecond:
@@ -477,10 +443,7 @@ def test_bf16_mixed_steps_stay_finite():
     assert int(model.generator_steps) == 3
     for key, value in recorder.metrics[-1].items():
         assert math.isfinite(value), key
-    for network in (model.generator, model.target, model.generator_ema):
-        assert all(
-            torch.isfinite(p).all() and p.dtype == torch.float32 for p in network.parameters()
-        )
+    assert_float32_finite(model.generator, model.target, model.generator_ema)
 
 
 def test_ddp_spawn_two_processes_cpu():
@@ -491,7 +454,7 @@ def test_ddp_spawn_two_processes_cpu():
         **{**QUIET, "devices": 2},
         strategy="ddp_spawn",
         max_epochs=1,
-        callbacks=[RanksAgree()],
+        callbacks=[SameWeightsDifferentNoise(("generator", "target"), pair_noise=True)],
     )
     trainer.fit(model, RealImages(num=16, batch_size=4))  # 2 steps on each rank
     assert int(model.generator_steps) == 2

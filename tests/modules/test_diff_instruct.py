@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses.cli import main
 from lightning_losses.datamodules import CIFAR10DataModule
@@ -20,7 +19,16 @@ from lightning_losses.diffusion import DiffusersEpsDenoiser, EDMPrecond, unet_fo
 from lightning_losses.losses import EmbeddingLoss, diff_instruct_loss
 from lightning_losses.modules import DiffInstructDistillation, DiffusionTeacher
 from tests.fakes import QUIET
-from tests.modules.distillation_helpers import assert_same, changed, fit, state
+from tests.modules.distillation_helpers import (
+    Recorder,
+    SameWeightsDifferentNoise,
+    TinyImages,
+    assert_float32_finite,
+    assert_same,
+    changed,
+    fit,
+    state,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIGS = [
@@ -32,54 +40,6 @@ CIFAR_CONFIG = REPO / "configs/distillation/cifar10_di_el.yaml"
 
 # ------------------------------------------------------------------------------------------
 # Fixtures (module level: DDP pickles them)
-
-
-class TinyImages(L.LightningDataModule):
-    """``num`` random 1x8x8 images in (-1, 1) with labels."""
-
-    def __init__(self, num: int = 32, batch_size: int = 8) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.tanh(torch.randn(num, 1, 8, 8, generator=g))
-        self.labels = torch.arange(num) % 4
-        self.batch_size = batch_size
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size)
-
-
-class SameWeightsAcrossRanks(L.Callback):
-    """Under DDP: generator and fake denoiser identical on every rank, the noise different."""
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        sums = torch.stack(
-            [
-                torch.stack([p.detach().double().sum() for p in network.parameters()]).sum()
-                for network in (pl_module.generator, pl_module.fake_denoiser)
-            ]
-        )
-        gathered = trainer.strategy.all_gather(sums)  # (world, 2)
-        assert torch.equal(gathered[0], gathered[1]), gathered
-        noise = trainer.strategy.all_gather(pl_module.randn(8))
-        assert not torch.equal(noise[0], noise[1])
-
-
-class Recorder(L.Callback):
-    """Generator weights at the start and after every batch, counters and logged metrics."""
-
-    def __init__(self) -> None:
-        self.start: dict[str, Tensor] = {}
-        self.after: list[dict[str, Tensor]] = []
-        self.counters: list[tuple[int, int]] = []
-        self.metrics: list[dict[str, float]] = []
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start = state(pl_module.generator)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.after.append(state(pl_module.generator))
-        self.counters.append((int(pl_module.fake_steps), int(pl_module.generator_steps)))
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def tiny_teacher(sigma_min: float = 0.002, sigma_max: float = 80.0) -> EDMPrecond:
@@ -364,10 +324,7 @@ def test_bf16_mixed_steps_stay_finite():
                 assert math.isnan(value)
                 continue
             assert math.isfinite(value), key
-    for network in (model.generator, model.fake_denoiser, model.generator_ema):
-        assert all(
-            torch.isfinite(p).all() and p.dtype == torch.float32 for p in network.parameters()
-        )
+    assert_float32_finite(model.generator, model.fake_denoiser, model.generator_ema)
 
 
 def test_ddp_spawn_two_processes_cpu():
@@ -379,7 +336,7 @@ def test_ddp_spawn_two_processes_cpu():
         **{**QUIET, "devices": 2},
         strategy="ddp_spawn_find_unused_parameters_true",
         max_epochs=1,
-        callbacks=[SameWeightsAcrossRanks()],
+        callbacks=[SameWeightsDifferentNoise()],
     )
     trainer.fit(model, TinyImages(num=24, batch_size=4))  # 3 steps on each rank
     assert (int(model.fake_steps), int(model.generator_steps)) == (3, 3)

@@ -10,8 +10,6 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses.cli import main
 from lightning_losses.diffusion import EDMPrecond, karras_sigmas, unet_for_images
@@ -23,56 +21,22 @@ from lightning_losses.modules.distillation import (
     load_teacher,
 )
 from tests.fakes import QUIET
-from tests.modules.distillation_helpers import assert_same, changed, fit, state
+from tests.modules.distillation_helpers import (
+    Recorder,
+    SameWeightsDifferentNoise,
+    TinyImages,
+    assert_float32_finite,
+    assert_same,
+    changed,
+    fit,
+    state,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [
     REPO / "configs/distillation/digits_dmd.yaml",
     REPO / "configs/distillation/digits_dmd_el.yaml",
 ]
-
-
-class TinyImages(L.LightningDataModule):
-    """``num`` random 1x8x8 images in (-1, 1) with labels; module level so DDP can pickle it.
-
-    ``scale`` multiplies the images (> 1 leaves [-1, 1]); ``labels_only`` yields 1-D label
-    batches without images; ``channels`` sets the image channels.
-    """
-
-    def __init__(
-        self,
-        num: int = 32,
-        batch_size: int = 8,
-        scale: float = 1.0,
-        labels_only: bool = False,
-        channels: int = 1,
-    ) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.images = scale * torch.tanh(torch.randn(num, channels, 8, 8, generator=g))
-        self.labels = torch.arange(num) % 4
-        self.batch_size = batch_size
-        self.labels_only = labels_only
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self.labels if self.labels_only else TensorDataset(self.images, self.labels)
-        return DataLoader(dataset, batch_size=self.batch_size)
-
-
-class SameWeightsDifferentNoise(L.Callback):
-    """Under DDP: the networks stay identical on every rank, the module's noise differs."""
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        sums = torch.stack(
-            [
-                torch.stack([p.detach().double().sum() for p in network.parameters()]).sum()
-                for network in (pl_module.generator, pl_module.fake_denoiser)
-            ]
-        )
-        gathered = trainer.strategy.all_gather(sums)  # (world, 2)
-        assert torch.equal(gathered[0], gathered[1]), gathered
-        noise = trainer.strategy.all_gather(pl_module.randn(8))
-        assert not torch.equal(noise[0], noise[1])
 
 
 def tiny_teacher(num_classes: int | None = None, channels: int = 1) -> EDMPrecond:
@@ -82,29 +46,6 @@ def tiny_teacher(num_classes: int | None = None, channels: int = 1) -> EDMPrecon
 
 def dmd(teacher: EDMPrecond | None = None, **kwargs) -> DMDDistillation:
     return DMDDistillation(teacher=tiny_teacher() if teacher is None else teacher, **kwargs)
-
-
-class Recorder(L.Callback):
-    """Generator weights at the start and after every batch, and the step counters."""
-
-    def __init__(self) -> None:
-        self.start: dict[str, Tensor] = {}
-        self.after: list[dict[str, Tensor]] = []
-        self.counters: list[tuple[int, int]] = []
-        self.metrics: list[dict[str, float]] = []
-        self.ema_at_start: dict[str, Tensor] = {}
-        self.counters_at_start: tuple[int, int] | None = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start = state(pl_module.generator)
-        if pl_module.generator_ema is not None:
-            self.ema_at_start = state(pl_module.generator_ema)
-        self.counters_at_start = pl_module.step_counters()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.after.append(state(pl_module.generator))
-        self.counters.append(pl_module.step_counters())
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 # ------------------------------------------------------------------------------------------
@@ -394,10 +335,7 @@ def test_bf16_mixed_steps_stay_finite():
     assert math.isnan(metrics.pop("train/grad_norm_ratio_el"))
     for key, value in metrics.items():
         assert math.isfinite(value), key
-    for network in (model.generator, model.fake_denoiser, model.generator_ema):
-        assert all(
-            torch.isfinite(p).all() and p.dtype == torch.float32 for p in network.parameters()
-        )
+    assert_float32_finite(model.generator, model.fake_denoiser, model.generator_ema)
 
 
 def test_ddp_spawn_two_processes_cpu():

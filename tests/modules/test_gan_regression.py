@@ -24,7 +24,7 @@ from lightning_losses.modules import (
 )
 from tests.fakes import quiet_trainer
 from tests.fakes import tiny_edm_teacher as tiny_teacher
-from tests.modules.test_distillation import TinyImages
+from tests.modules.distillation_helpers import TinyImages
 
 
 def real_batch(n: int = 4) -> Tensor:
