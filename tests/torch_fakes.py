@@ -41,6 +41,9 @@ def _gloo_child(rank: int, function: Callable, world_size: int, port: int, out: 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         result = function(rank)
+        # Both ranks finish every collective before either tears gloo down: a rank that
+        # destroys the group while the other still talks to it can abort in gloo's threads.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
     torch.save(result, Path(out) / f"{rank}.pt")
