@@ -266,6 +266,7 @@ def run_part(part: str, args: argparse.Namespace, steps: dict[str, int]) -> str:
 
     frameworks = {"supplements": ["DMD", "DI"], "variance": ["DMD"], "batch": ["DMD"],
                   "equal-share": ["DMD"], "di-auto": ["DI"]}[part]  # fmt: skip
+    frameworks = [f for f in frameworks if f in args.frameworks]  # --frameworks narrows it
     pairs = teacher_pairs(args.out) if part in ("supplements", "variance") else None
     arms_of = {
         "supplements": lambda: supplement_arms(pairs),
