@@ -320,6 +320,28 @@ def merge_parts(part: str, folders: list[Path]) -> dict[str, Any]:
     return merged
 
 
+def batch_pairs(results: dict[str, list[dict]]) -> list[str]:
+    """``--part batch``: EL - no EL at each batch size, and EL at each smaller batch - no EL at
+    the largest (the paper's "smaller batch" claim), paired by seed, with intervals."""
+    sizes = sorted({int(name.rsplit("B=", 1)[1]) for name in results})
+    largest = sizes[-1]
+    pairs = [(f"EL - no EL at B={b}", f"EL, B={b}", f"no EL, B={b}") for b in sizes]
+    pairs += [(f"EL at B={b} - no EL at B={largest}", f"EL, B={b}", f"no EL, B={largest}")
+              for b in sizes[:-1]]  # fmt: skip
+    lines = ["| comparison | mean [95% interval] | per seed | verdict |", "|---|---|---|---|"]
+    for label, first, second in pairs:
+        if first not in results or second not in results:
+            continue
+        diffs = [a["fid"] - b["fid"] for a, b in zip(results[first], results[second])]
+        if len(diffs) < 2:
+            continue
+        mean, low, high = paired_interval(diffs)
+        per_seed = ", ".join(f"{d:+.3f}" for d in diffs)
+        word = verdict(low, high, lower_is_better=True)
+        lines.append(f"| {label} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {per_seed} | {word} |")
+    return lines
+
+
 def part_tables(part: str, saved: dict[str, Any], out: Path) -> str:
     """The markdown of a part's runs (written to ``<out>/<part>.md``)."""
     from lightning_losses.callbacks import fit_variance_floor
@@ -331,7 +353,13 @@ def part_tables(part: str, saved: dict[str, Any], out: Path) -> str:
         total, results, variances = block["steps"], block["runs"], block["variances"]
         head = (f"{framework}, {total} generator steps, seeds {saved['seeds']}, "
                 f"{saved['samples']} samples per digits-FID.")  # fmt: skip
-        lines = compare(results, total, next(iter(results)))
+        reference = next(iter(results))
+        if part == "batch":  # every arm against no EL at the largest batch
+            reference = max((n for n in results if n.startswith("no EL")),
+                            key=lambda n: int(n.rsplit("B=", 1)[1]))  # fmt: skip
+        lines = compare(results, total, reference)
+        if part == "batch":
+            lines += ["", *batch_pairs(results)]
         if variances:
             lines += ["", "| arm | objective | V(16) | V(64) | V(256) | floor a (mean ± std "
                       "over seeds) | b |", "|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -61,3 +61,25 @@ def test_compare_gives_the_paired_interval_and_a_verdict_for_fid():
     assert "| helps |" in el_row and "2.00x" in el_row
     assert "no detectable difference" in gan_row
     assert lines[2].startswith("| none |") and "| — | — |" in lines[2]
+
+
+def test_batch_pairs_compare_each_batch_and_the_smaller_batches_with_the_largest():
+    def runs(*finals):
+        return [{"history": [(10, f)], "fid": f, "seconds": 1.0} for f in finals]
+
+    results = {
+        "no EL, B=16": runs(5.0, 6.0, 7.0),
+        "EL, B=16": runs(4.0, 5.2, 5.0),
+        "no EL, B=256": runs(3.0, 3.0, 3.5),
+        "EL, B=256": runs(3.0, 3.1, 3.4),
+    }
+    rows = {line.split("|")[1].strip(): line for line in el_study.batch_pairs(results)[2:]}
+    assert list(rows) == [
+        "EL - no EL at B=16",
+        "EL - no EL at B=256",
+        "EL at B=16 - no EL at B=256",
+    ]
+    mean, low, high = el_study.paired_interval([4.0 - 5.0, 5.2 - 6.0, 5.0 - 7.0])
+    assert f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" in rows["EL - no EL at B=16"]
+    assert "+1.000, +2.200, +1.500" in rows["EL at B=16 - no EL at B=256"]
+    assert "| hurts |" in rows["EL at B=16 - no EL at B=256"]
