@@ -23,6 +23,7 @@ from lightning_losses.checks import (
 from lightning_losses.losses.opl import AbsMode, OPLOutput, OrthogonalProjectionLoss
 from lightning_losses.losses.robust import generalized_cross_entropy, truncated_lq_loss
 from lightning_losses.modules._hparams import save_config_hyperparameters
+from lightning_losses.modules.schedulers import optimizer_config
 from lightning_losses.nets import feature_dim_of
 
 BaseLoss = Literal["ce", "gce", "truncated"]
@@ -413,10 +414,4 @@ class OPLClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
-        }
+        return optimizer_config(optimizer, self.lr_scheduler, self.scheduler_interval)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -47,3 +48,17 @@ class WarmupMultiStepLR(LambdaLR):
         if t < self.warmup:
             return self.warmup_factor + (1.0 - self.warmup_factor) * t / self.warmup
         return self.decay ** sum(m <= t for m in self.milestones)
+
+
+def optimizer_config(
+    optimizer: Optimizer, lr_scheduler: Callable[[Optimizer], Any] | None, interval: str
+) -> Optimizer | dict[str, Any]:
+    """What ``configure_optimizers`` returns for one optimizer: the optimizer alone when
+    ``lr_scheduler`` is None, else Lightning's dict with the scheduler
+    ``lr_scheduler(optimizer)`` stepped every ``interval`` (``"epoch"`` or ``"step"``)."""
+    if lr_scheduler is None:
+        return optimizer
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": lr_scheduler(optimizer), "interval": interval},
+    }

@@ -28,6 +28,7 @@ from lightning_losses.diffusion import (
 from lightning_losses.diffusion.checks import check_diffusion_images
 from lightning_losses.modules._hparams import save_config_hyperparameters
 from lightning_losses.modules.ema import ema_update
+from lightning_losses.modules.schedulers import optimizer_config
 
 #: The command that trains and exports the digits teacher the distillation configs load.
 TEACHER_COMMAND = "lightning-losses fit --config configs/distillation/digits_teacher.yaml"
@@ -329,13 +330,7 @@ class DiffusionTeacher(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.denoiser.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
-        }
+        return optimizer_config(optimizer, self.lr_scheduler, self.scheduler_interval)
 
     # --------------------------------------------------------------------------------------
     # EMA, sampling, export
