@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +42,6 @@ from lightning_losses.diffusion.consistency import (
     consistency_pipeline,
     consistency_sampler,
 )
-from lightning_losses.diffusion.loading import refuse_overwrite
 from lightning_losses.losses.consistency import DISTANCES, consistency_loss
 from lightning_losses.modules.distillation import OneStepDistillation, loss_logs
 from lightning_losses.modules.ema import ema_update
@@ -298,19 +295,11 @@ class ConsistencyDistillation(OneStepDistillation):
     # --------------------------------------------------------------------------------------
     # Sampling and export
 
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        class_labels: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        use_ema: bool = True,
-    ) -> Tensor:
-        """``n`` one-step samples :math:`f(\\sigma_{max} z, \\sigma_{max})`, clipped to [-1, 1]
-        with ``clip_denoised``; z (then labels, if not given) drawn from ``generator`` as in
-        the base. The exported pipeline gives ``(sample + 1) / 2`` for the same seed.
-        """
-        x = super().sample(n, class_labels=class_labels, generator=generator, use_ema=use_ema)
+    def finish_samples(self, x: Tensor) -> Tensor:
+        """Clip to [-1, 1] with ``clip_denoised``: :meth:`sample` then gives the one-step
+        samples :math:`f(\\sigma_{max} z, \\sigma_{max})` (z, then the labels if not given,
+        drawn from ``generator`` as in the base); the exported pipeline gives
+        ``(sample + 1) / 2`` for the same seed."""
         return x.clamp(-1, 1) if self.clip_denoised else x
 
     @torch.no_grad()
@@ -352,6 +341,15 @@ class ConsistencyDistillation(OneStepDistillation):
         :func:`~lightning_losses.diffusion.consistency.consistency_pipeline`): N =
         ``num_scales``, the module's sigmas, ``rho`` and ``clip_denoised``.
 
+        :meth:`save_pretrained` writes it as a folder (``DiffusionPipeline.save_pretrained``):
+        ``model_index.json``, ``unet/`` (config + safetensors) and ``scheduler/`` (a
+        ``CMStochasticIterativeScheduler``). Offline,
+        ``ConsistencyModelPipeline.from_pretrained(path)(batch_size=n, num_inference_steps=1,
+        generator=torch.Generator().manual_seed(s), output_type="pt").images * 2 - 1`` equals
+        ``self.sample(n, generator=torch.Generator().manual_seed(s), use_ema=use_ema)``
+        (float rounding aside; class-conditional: pass the labels to both). With
+        ``clip_denoised=False`` the pipeline still clamps its ``[0, 1]`` output images.
+
         Raises:
             ValueError: when the student is not a ConsistencyPrecond around a square
                 ``UNet2DModel``.
@@ -363,30 +361,3 @@ class ConsistencyDistillation(OneStepDistillation):
             clip_denoised=self.clip_denoised,
             copy_weights=copy_weights,
         )
-
-    def save_pretrained(
-        self, path: str | os.PathLike[str], use_ema: bool = True, overwrite: bool = False
-    ) -> Path:
-        """Write the student as a ``ConsistencyModelPipeline`` folder; return the folder.
-
-        Layout (``DiffusionPipeline.save_pretrained``): ``model_index.json``, ``unet/`` (config +
-        safetensors) and ``scheduler/`` (a ``CMStochasticIterativeScheduler``). Offline,
-        ``ConsistencyModelPipeline.from_pretrained(path)(batch_size=n, num_inference_steps=1,
-        generator=torch.Generator().manual_seed(s), output_type="pt").images * 2 - 1`` equals
-        ``self.sample(n, generator=torch.Generator().manual_seed(s), use_ema=use_ema)``
-        (float rounding aside; class-conditional: pass the labels to both). With
-        ``clip_denoised=False`` the pipeline still clamps its ``[0, 1]`` output images.
-
-        Args:
-            path: the folder (created if missing).
-            use_ema: save the slow EMA student (when there is one; else the trained one).
-            overwrite: write into a folder that already holds a saved model.
-
-        Raises:
-            FileExistsError: when ``path`` holds a saved model and ``overwrite`` is False.
-        """
-        root = refuse_overwrite(path, overwrite)
-        pipeline = self.to_pipeline(use_ema=use_ema, copy_weights=False)
-        root.mkdir(parents=True, exist_ok=True)
-        pipeline.save_pretrained(root, safe_serialization=True)
-        return root

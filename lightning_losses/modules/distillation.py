@@ -337,7 +337,8 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
         generator: torch.Generator | None = None,
         use_ema: bool = True,
     ) -> Tensor:
-        """``n`` one-step samples (not clamped; about [-1, 1]) on the module's device.
+        """``n`` one-step samples on the module's device: :meth:`finish_samples` of the
+        generated images (here not clamped; about [-1, 1]).
 
         Args:
             n: number of samples.
@@ -346,7 +347,12 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
             use_ema: the EMA generator (when there is one; else the trained generator).
         """
         z, class_labels = self.draw_noise(n, class_labels, generator)
-        return self.generate(z, class_labels, self.sampling_network(use_ema))
+        return self.finish_samples(self.generate(z, class_labels, self.sampling_network(use_ema)))
+
+    def finish_samples(self, x: Tensor) -> Tensor:
+        """What :meth:`sample` makes of the generator's output ``x``: ``x`` itself here (a
+        subclass may clip it)."""
+        return x
 
     # --------------------------------------------------------------------------------------
     # Objectives
@@ -573,7 +579,8 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
         self, path: str | os.PathLike[str], use_ema: bool = True, overwrite: bool = False
     ) -> Path:
         """Write the generator as a diffusers pipeline folder (:meth:`to_pipeline`,
-        safetensors) and return it; reload it offline with ``OneStepPipeline.from_pretrained``.
+        safetensors) and return it; reload it offline with that pipeline's ``from_pretrained``
+        (here ``OneStepPipeline.from_pretrained``).
 
         Args:
             path: the folder (created if missing).
