@@ -61,20 +61,21 @@ def chunk_rows(features: Tensor) -> int:
 def norms_and_class_sums(f: Tensor, inverse: Tensor, num: int) -> tuple[Tensor, Tensor]:
     """Row norms (B,) and class sums of the normalised rows ``S`` (C, D) in one pass over ``f``.
 
-    Chunk by chunk of rows: the norms, the normalised rows into one reused buffer (still in
-    cache), ``index_add_`` into the class sums. No sort and no B x D temporary on the CPU.
+    Chunk by chunk of rows (views from one ``split`` each, so the loop makes no slices of its
+    own): the norms, the rows divided by them into one reused buffer (still in cache),
+    ``index_add_`` into the class sums. Three kernels per chunk, no sort and no B x D
+    temporary on the CPU; one chunk (the whole batch) elsewhere.
     """
     batch, dim = f.shape
     rows = chunk_rows(f)
     norms = f.new_empty(batch)
     class_sums = f.new_zeros(num, dim)
     buffer = f.new_empty(rows, dim)
-    for start in range(0, batch, rows):
-        stop = min(batch, start + rows)
-        part, scaled = f[start:stop], buffer[: stop - start]
-        torch.linalg.vector_norm(part, dim=1, out=norms[start:stop])
-        torch.mul(part, norms[start:stop, None].clamp_min(NORM_EPS).reciprocal_(), out=scaled)
-        class_sums.index_add_(0, inverse[start:stop], scaled)
+    for part, norm, index in zip(f.split(rows), norms.split(rows), inverse.split(rows)):
+        scaled = buffer[: part.shape[0]]
+        torch.linalg.vector_norm(part, dim=1, out=norm)
+        torch.div(part, norm.clamp_min(NORM_EPS)[:, None], out=scaled)
+        class_sums.index_add_(0, index, scaled)
     return norms, class_sums
 
 
@@ -82,30 +83,34 @@ def gradient(
     f: Tensor, inverse: Tensor, table: Tensor, a: Tensor, c: Tensor, dtype: torch.dtype
 ) -> Tensor:
     """``grad_i = a_i T_{y_i} + c_i (f_i . T_{y_i}) f_i`` in one pass over ``f``, written straight
-    into the (B, D) result of ``dtype``; chunk by chunk of rows: gather ``T`` into the result,
-    the row dots through one reused buffer, the in-place update while the chunk is in cache."""
+    into the (B, D) result of ``dtype``; chunk by chunk of rows (views from one ``split`` each):
+    gather ``T`` into the result, the row dots through one reused buffer, the in-place update
+    while the chunk is in cache."""
     batch, dim = f.shape
     rows = chunk_rows(f)
     same = dtype == f.dtype
     grad = torch.empty((batch, dim), dtype=f.dtype if same else dtype, device=f.device)
     work = grad if same else f.new_empty(rows, dim)
-    buffer = f.new_empty(rows, dim) if f.device.type == "cpu" else None
-    dots = f.new_empty(rows)
-    for start in range(0, batch, rows):
-        stop = min(batch, start + rows)
-        n = stop - start
-        part = f[start:stop]
-        out = work[start:stop] if same else work[:n]
-        torch.index_select(table, 0, inverse[start:stop], out=out)
-        if buffer is not None:
-            torch.mul(part, out, out=buffer[:n])
-            torch.sum(buffer[:n], dim=1, out=dots[:n])
-        else:
-            dots[:n] = torch.linalg.vecdot(part, out, dim=1)
-        dots[:n].mul_(c[start:stop])
-        out.mul_(a[start:stop, None]).addcmul_(part, dots[:n, None])
+    buffer = f.new_empty(rows, dim)
+    dots = f.new_empty(batch, 1)
+    chunks = zip(
+        f.split(rows),
+        grad.split(rows),
+        inverse.split(rows),
+        dots.split(rows),
+        a[:, None].split(rows),
+        c[:, None].split(rows),
+    )
+    for part, result, index, dot, a_part, c_part in chunks:
+        n = part.shape[0]
+        out = result if same else work[:n]
+        torch.index_select(table, 0, index, out=out)
+        product = buffer[:n]
+        torch.mul(part, out, out=product)
+        torch.sum(product, dim=1, keepdim=True, out=dot)
+        out.mul_(a_part).addcmul_(part, dot.mul_(c_part))
         if not same:
-            grad[start:stop] = out
+            result.copy_(out)
     return grad
 
 

@@ -40,7 +40,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_losses.checks import (
-    all_true,
     check_choice,
     check_class_labels,
     check_float,
@@ -118,6 +117,27 @@ def pair_sums(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor,
     return pos_sum, neg_sum, same - batch, batch * batch - same
 
 
+def _class_index(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Class index of each row in ``[0, C)`` (int64) and rows per class (C,), after checking
+    that every label is >= 0 (one host read: the smallest and the largest label).
+
+    Labels below B index the classes directly (``bincount``; classes absent from the batch
+    count 0 and add nothing), so the usual case needs no sort; larger labels are renumbered
+    by ``torch.unique``'s sort, which keeps the class sums at most B x D.
+    """
+    lowest, highest = torch.stack(torch.aminmax(labels)).tolist()
+    if lowest < 0:
+        raise ValueError(
+            f"labels must be class indices >= 0, got {lowest}; drop ignored samples "
+            "(e.g. ignore_index = -100) before OPL instead of giving them a label"
+        )
+    if highest < labels.shape[0]:
+        index = labels.long()
+        return index, torch.bincount(index, minlength=highest + 1)
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    return inverse, counts
+
+
 def _normalize_rows(features: Tensor) -> tuple[Tensor, Tensor]:
     """``F.normalize`` values with gradient 0 for rows of norm <= 1e-12 (not 1e12 x theirs);
     returns the rows and their norms."""
@@ -159,8 +179,9 @@ def orthogonal_projection_loss(
     Raises:
         ValueError: B = 0, D = 0, a bad shape / dtype / device, a negative label, a NaN or inf
         feature, or a row whose squared norm overflows the working dtype (|x| above about 1e19
-        in float32: it would be normalised to 0). The value checks cost one host read per call
-        (besides ``torch.unique``'s own, whose output size depends on the labels).
+        in float32: it would be normalised to 0). The checks cost two host reads per call: the
+        smallest and largest label, and one for the features (plus ``torch.unique``'s own
+        when a label is >= B).
 
     ``"none"`` and ``"mean"`` run :class:`~lightning_losses.losses._opl_function.ClassPairSums`
     (closed-form forward and gradient, O(B D); a double backward recomputes through autograd);
@@ -171,7 +192,7 @@ def orthogonal_projection_loss(
     _check_not_empty(features)
     dtype = working_dtype(features.dtype)
     with torch.autocast(device_type=features.device.type, enabled=False):
-        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        inverse, counts = _class_index(labels)
         if abs_mode == "pair":
             z, norms = _normalize_rows(features.to(dtype))
             pos_sum, _, _, _ = pair_sums(z, labels)
@@ -190,22 +211,15 @@ def orthogonal_projection_loss(
         if abs_mode == "mean":
             neg_mean = neg_mean.abs()
         loss = (1.0 - pos_mean) + gamma * neg_mean
-    # One host read for every value check. A NaN / inf feature makes its row norm, hence the sum
-    # of norms, non-finite, and so does a finite row whose squared norm overflows.
-    finite, nonnegative = all_true(
-        torch.isfinite(norm_total + pos_sum.detach() + neg_sum.detach()), classes[0] >= 0
-    )
-    if not finite:
+    # One host read for the value checks of the features. A NaN / inf feature makes its row
+    # norm, hence the sum of norms, non-finite, and so does a finite row whose squared norm
+    # overflows.
+    if not bool(torch.isfinite(norm_total + pos_sum.detach() + neg_sum.detach())):
         if not bool(torch.isfinite(features).all()):
             raise ValueError("features contain NaN or inf; check the backbone's output")
         raise ValueError(
             f"features have a row whose squared norm overflows {dtype} (largest |value| "
             f"{features.abs().max().item():.3g}); scale the features down or pass float64"
-        )
-    if not nonnegative:
-        raise ValueError(
-            f"labels must be class indices >= 0, got {classes[0].item()}; drop ignored samples "
-            "(e.g. ignore_index = -100) before OPL instead of giving them a label"
         )
     return OPLOutput(loss, pos_mean, neg_mean)
 

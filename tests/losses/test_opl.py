@@ -166,6 +166,28 @@ def test_permutation_and_scale_invariance():
     torch.testing.assert_close(relabelled, base)
 
 
+@pytest.mark.parametrize("abs_mode", MODES)
+def test_direct_and_renumbered_labels_agree(abs_mode):
+    # Labels below B index the class sums directly (absent classes count 0); a label >= B
+    # renumbers through torch.unique. Same loss, parts and gradient either way, any int dtype.
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 3, 9, 9, 9, 17] * 5 + [17, 30, 30, 0, 12])  # 1, 2, 4, ... gaps
+    variants = [labels, labels * 1000 + 5, labels.to(torch.int32), labels.to(torch.uint8)]
+    outs, grads = [], []
+    for variant in variants:
+        x = features.clone().requires_grad_()
+        out = orthogonal_projection_loss(x, variant, 0.6, abs_mode)
+        (out.loss + 0.4 * out.pos_mean).backward()
+        outs.append(torch.stack(tuple(out)).detach())
+        grads.append(x.grad)
+    for out, grad in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=1e-13)
+        torch.testing.assert_close(grad, grads[0], rtol=0, atol=1e-13)
+    ref = reference_opl(features, labels.tolist(), 0.6, abs_mode)
+    torch.testing.assert_close(outs[0], torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 def test_class_sum_form_agrees_with_gram_form(dtype, atol):
     g = torch.Generator().manual_seed(4)
