@@ -55,6 +55,10 @@ import torch
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from harness import QUIET_TRAINER  # noqa: E402
+
 HEADING = "## Distillation: DMD step with and without EL, and MMD^2"
 MIB = 2**20
 #: The demo's settings (configs/distillation/digits_dmd*.yaml).
@@ -414,17 +418,16 @@ def trainer_check(
         for block in range(blocks):
             for arm in ARMS if block % 2 == 0 else ARMS[::-1]:
                 clock = StepClock()
+                settings = {
+                    **QUIET_TRAINER,
+                    "accelerator": device.type,
+                    "logger": CSVLogger(tmp, name=arm),
+                }
                 trainer = L.Trainer(
-                    accelerator=device.type,
-                    devices=1,
+                    **settings,
                     max_epochs=1,
-                    logger=CSVLogger(tmp, name=arm),
                     log_every_n_steps=CONFIG_LOG_EVERY,
                     limit_val_batches=0,
-                    num_sanity_val_steps=0,
-                    enable_checkpointing=False,
-                    enable_progress_bar=False,
-                    enable_model_summary=False,
                     callbacks=[clock],
                 )
                 loader = DataLoader(dataset, batch_size=batch, shuffle=False)

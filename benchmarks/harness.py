@@ -25,6 +25,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "RESULTS.md"
+#: ``lightning.Trainer`` settings of the benchmarks' in-process runs: one CPU process that
+#: writes and prints nothing (no logger, checkpoint, progress bar, model summary or sanity
+#: validation). Override a key by passing it after: ``{**QUIET_TRAINER, "logger": logger}``.
+QUIET_TRAINER: dict[str, object] = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
 
 
 def status_kib(field: str, pid: str = "self") -> int:

@@ -38,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import paired_interval, publish, verdict  # noqa: E402
+from harness import QUIET_TRAINER, paired_interval, publish, verdict  # noqa: E402
 
 #: arm -> config stem
 ARMS = {"CE": "ce", "CE+OPL": "ce_opl", "TL": "tl", "TL+OPL": "tl_opl"}
@@ -236,16 +236,10 @@ def run_arm(arm: str, noise: str, seed: int, epochs: int | None) -> dict[str, An
             )
 
     trainer = L.Trainer(
+        **QUIET_TRAINER,
         max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
         deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,  # measured in the callback, on whole tensors
-        num_sanity_val_steps=0,
         callbacks=[Measure()],
     )
     start, cpu = time.perf_counter(), time.process_time()
