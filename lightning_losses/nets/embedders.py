@@ -24,6 +24,12 @@ EVERYTHING here is OUR choice, and each knob is a parameter:
   of ``seed`` alone: identical on every rank and on every device, independent of (and not
   advancing) the global RNG.
 
+Computation (the same features, up to float rounding, as the plain layers): a frozen bank's wide
+net is one gathered-patch matrix product with a fused ReLU-mean backward; the patch-MLP's patchify
+is a reshape and a matrix product; outputs used only pooled are pooled before their last linear
+map (the ResNet's last block: convolutions of window means, :func:`_mean_of_conv`; the patch-MLP's
+last Linear); the ConvNet skips the pooling after its last stage, whose map is unused.
+
 Inputs are images of at least 8 x 8 (``min_size``); 8 x 8 to 64 x 64 is the intended range (larger
 works, at a cost linear in the pixels).
 """
@@ -89,36 +95,74 @@ def _conv_tokens(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return out.view(x.shape[0], length, conv.out_channels)
 
 
-class _LinearReLUMean(torch.autograd.Function):
-    """``relu(rows @ weight.T)`` averaged over each sample's L rows, with a fused backward.
+#: Gather indices of :func:`_patch_index`, per (C, H, W, conv geometry, device).
+_PATCH_INDEX_CACHE: dict[tuple, Tensor] = {}
 
-    ``rows`` end with a column of ones and ``weight`` with the bias (one matrix product, no
-    pass to add the bias). Backward, with the weight constant (a frozen bank): the gradient of
-    row l of sample b is :math:`\\sum_c 1[out_{blc} > 0]\\, g_{bc} W_{c\\cdot} / L`, one batched
-    product of the activation's sign with the per-sample weight :math:`g_b W / L`, instead of
-    autograd's passes over the B L x C activations for the mean's and the ReLU's backward.
+
+def _patch_index(
+    channels: int, height: int, width: int, conv: nn.Conv2d, device: torch.device
+) -> tuple[Tensor, int]:
+    """Flat indices that gather ``conv``'s input patches, and the output positions L.
+
+    The image is zero-padded by ``conv.padding`` and flattened per sample to
+    ``C (H + 2 p_h) (W + 2 p_w)`` values followed by one constant 1 (the bias' input). Entry
+    ``l (K + 1) + k`` of the index is the flat position of output l's k-th input value (C, k_h,
+    k_w order, as the weight is flattened); entry ``l (K + 1) + K`` points at the 1. Stride
+    taken into account; cached (a few small tensors per geometry).
+    """
+    (k_h, k_w), (s_h, s_w), (p_h, p_w) = conv.kernel_size, conv.stride, conv.padding
+    key = (channels, height, width, k_h, k_w, s_h, s_w, p_h, p_w, str(device))
+    cached = _PATCH_INDEX_CACHE.get(key)
+    if cached is None:
+        padded_h, padded_w = height + 2 * p_h, width + 2 * p_w
+        out_h, out_w = (padded_h - k_h) // s_h + 1, (padded_w - k_w) // s_w + 1
+        c = torch.arange(channels)[:, None, None]
+        ky, kx = torch.arange(k_h)[None, :, None], torch.arange(k_w)[None, None, :]
+        taps = (c * padded_h * padded_w + ky * padded_w + kx).flatten()  # (K,)
+        oy, ox = torch.arange(out_h)[:, None] * s_h, torch.arange(out_w)[None, :] * s_w
+        starts = (oy * padded_w + ox).flatten()  # (L,)
+        one = torch.full((starts.shape[0], 1), channels * padded_h * padded_w)
+        cached = torch.cat([starts[:, None] + taps[None, :], one], dim=1).flatten().to(device)
+        _PATCH_INDEX_CACHE[key] = cached
+    return cached, cached.shape[0] // (channels * conv.kernel_size[0] * conv.kernel_size[1] + 1)
+
+
+class _ConvReLUMean(torch.autograd.Function):
+    """``relu(conv(x))`` averaged over each sample's L output positions, with a fused backward.
+
+    Input: the padded image flattened per sample with a trailing 1 (see :func:`_patch_index`),
+    (B, P + 1). The patches are gathered as rows (B L, K + 1) and ``weight`` ends with the bias
+    (one matrix product, no pass to add the bias). Backward, with the weight constant (a frozen
+    bank): the gradient of patch row l of sample b is :math:`\\sum_c 1[out_{blc} > 0]\\, g_{bc}
+    W_{c\\cdot} / L`, one batched product of the activation's sign (taken in place: no new
+    B L x C tensor) with the per-sample weight :math:`g_b W / L`, scattered back to the padded
+    image (``index_add_``), instead of autograd's passes over the B L x C activations for the
+    mean's and the ReLU's backward and an ``unfold`` / ``fold`` pair.
     """
 
     @staticmethod
-    def forward(ctx: Any, rows: Tensor, weight: Tensor, batch: int, length: int) -> Tensor:
+    def forward(ctx: Any, flat: Tensor, weight: Tensor, index: Tensor, length: int) -> Tensor:
+        batch = flat.shape[0]
+        rows = torch.index_select(flat, 1, index).view(batch * length, weight.shape[1])
         out = (rows @ weight.T).clamp_min_(0.0)  # (B L, C)
-        ctx.save_for_backward(weight)
+        ctx.save_for_backward(weight, index)
         # An intermediate, turned into its sign in place by the backward (sign is idempotent on
         # values >= 0, so a second backward with retain_graph=True reads the same mask).
         ctx.out = out
-        ctx.batch, ctx.length = batch, length
+        ctx.shape = (batch, length, flat.shape[1])
         return out.view(batch, length, weight.shape[0]).mean(dim=1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        (weight,) = ctx.saved_tensors
+        weight, index = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        batch, length = ctx.batch, ctx.length
+        batch, length, size = ctx.shape
         per_sample = (grad / length)[:, :, None] * weight[None]  # (B, C, K + 1)
-        mask = ctx.out.sign_().view(batch, length, weight.shape[0])
-        rows = torch.bmm(mask, per_sample)
-        return rows.view(batch * length, weight.shape[1]), None, None, None
+        mask = ctx.out.sign_().view(batch, length, weight.shape[0])  # in place: no new B L C
+        rows = torch.bmm(mask, per_sample)  # (B, L, K + 1)
+        flat = torch.zeros(batch, size, dtype=rows.dtype, device=rows.device)
+        return flat.index_add_(1, index, rows.view(batch, index.shape[0])), None, None, None
 
 
 def _relu_mean_of_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -127,16 +171,75 @@ def _relu_mean_of_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
         conv.weight.requires_grad
         or conv.bias is None
         or conv.bias.requires_grad
+        or conv.dilation != (1, 1)
+        or conv.groups != 1
         or torch.is_autocast_enabled(x.device.type)
         or torch.is_grad_enabled()
         and x.requires_grad
         and x.dtype != conv.weight.dtype
     ):
         return F.relu(_conv_tokens(x, conv)).mean(dim=1)
-    rows, length = _patch_rows(x, conv)
-    ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
-    weight = torch.cat([conv.weight.flatten(1), conv.bias[:, None]], dim=1).to(rows.dtype)
-    return _LinearReLUMean.apply(torch.cat([rows, ones], dim=1), weight, x.shape[0], length)
+    batch, channels, height, width = x.shape
+    (p_h, p_w) = conv.padding
+    index, length = _patch_index(channels, height, width, conv, x.device)
+    padded = F.pad(x, (p_w, p_w, p_h, p_h)).flatten(1)
+    flat = torch.cat([padded, torch.ones(batch, 1, dtype=x.dtype, device=x.device)], dim=1)
+    weight = torch.cat([conv.weight.flatten(1), conv.bias[:, None]], dim=1).to(x.dtype)
+    return _ConvReLUMean.apply(flat, weight, index, length)
+
+
+#: Window-mean matrices of :func:`_window_means`, per (H, W, conv geometry, dtype, device).
+_WINDOW_CACHE: dict[tuple, Tensor] = {}
+
+
+def _window_means(height: int, width: int, conv: nn.Conv2d, like: Tensor) -> Tensor:
+    """(H W, k_h k_w) M with :math:`M_{p t} = \\#\\{o : \\text{output } o\\text{'s tap } t
+    \\text{ reads input } p\\} / L` for ``conv``'s geometry (L output positions; taps reading
+    the zero padding count nothing). Cached, in ``like``'s dtype and device."""
+    (k_h, k_w), (s_h, s_w), (p_h, p_w) = conv.kernel_size, conv.stride, conv.padding
+    key = (height, width, k_h, k_w, s_h, s_w, p_h, p_w, like.dtype, str(like.device))
+    cached = _WINDOW_CACHE.get(key)
+    if cached is None:
+        out_h = (height + 2 * p_h - k_h) // s_h + 1
+        out_w = (width + 2 * p_w - k_w) // s_w + 1
+        o_y = torch.arange(out_h)[:, None, None, None] * s_h
+        o_x = torch.arange(out_w)[None, :, None, None] * s_w
+        t_y = torch.arange(k_h)[None, None, :, None]
+        t_x = torch.arange(k_w)[None, None, None, :]
+        y, x = (
+            (o_y + t_y - p_h).expand(-1, out_w, -1, k_w),
+            (o_x + t_x - p_w).expand(out_h, -1, k_h, -1),
+        )
+        tap = (t_y * k_w + t_x).expand(out_h, out_w, -1, -1)
+        inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)
+        # Taps reading the padding go to a spare last row, dropped (no data-sized indexing).
+        rows = torch.where(inside, y * width + x, height * width)
+        counts = torch.zeros(height * width + 1, k_h * k_w, dtype=torch.float64)
+        ones = torch.ones(rows.shape, dtype=torch.float64)
+        counts = counts.index_put_((rows, tap), ones, accumulate=True)[:-1]
+        cached = (counts / (out_h * out_w)).to(like)
+        _WINDOW_CACHE[key] = cached
+    return cached
+
+
+def _mean_of_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x).mean(dim=(2, 3))`` without the convolution, for an output used only pooled.
+
+    The spatial mean of a convolution is linear in the input's window means: with :math:`P_{c
+    t} = \\sum_p x_{c p} M_{p t}` the mean over the output positions of the input that tap t
+    reads (:func:`_window_means`; zero padding adds nothing), :math:`\\mathrm{mean}_o\\,
+    \\mathrm{conv}(x)_o = b + \\sum_{c, t} W_{\\cdot c t} P_{c t}`: the same sums in another
+    order, as two small matrix products (the stride-1 3 x 3 convolution at 2 x 2 costs 4 times
+    fewer multiplications). Dilated or grouped convolutions are computed plainly.
+    """
+    if conv.dilation != (1, 1) or conv.groups != 1 or x.ndim != 4:
+        return conv(x).mean(dim=(2, 3))
+    batch, channels, height, width = x.shape
+    taps = conv.kernel_size[0] * conv.kernel_size[1]
+    window = _window_means(height, width, conv, x)
+    pooled = (x.reshape(batch * channels, height * width) @ window).view(batch, channels * taps)
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    return F.linear(pooled, conv.weight.flatten(1).to(x.dtype), bias)
 
 
 class _ConvNet(nn.Module):
@@ -152,10 +255,11 @@ class _ConvNet(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         features = []
-        for conv in self.convs:
+        for i, conv in enumerate(self.convs):
             x = F.relu(conv(x))
             features.append(x.mean(dim=(2, 3)))
-            x = F.avg_pool2d(x, 2)
+            if i + 1 < len(self.convs):  # the last stage's pooled map would be unused
+                x = F.avg_pool2d(x, 2)
         return features
 
 
@@ -177,6 +281,16 @@ class _Block(nn.Module):
         h = self.conv2(F.relu(self.norm2(h)))
         return h + self.shortcut(x)
 
+    def pooled(self, x: Tensor) -> Tensor:
+        """``forward(x).mean(dim=(2, 3))`` with the last convolutions folded into the mean
+        (:func:`_mean_of_conv`): for the last block, whose output is only pooled."""
+        h = F.relu(self.norm2(self.conv1(F.relu(self.norm1(x)))))
+        if isinstance(self.shortcut, nn.Conv2d):
+            skip = _mean_of_conv(x, self.shortcut)
+        else:
+            skip = x.mean(dim=(2, 3))
+        return _mean_of_conv(h, self.conv2) + skip
+
 
 class _ResNet(nn.Module):
     """Small GroupNorm ResNet: stem, then blocks (w, 1), (2w, 2), (4w, 2); pooled per block."""
@@ -192,9 +306,10 @@ class _ResNet(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.stem(x)
         features = []
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x)
             features.append(x.mean(dim=(2, 3)))
+        features.append(self.blocks[-1].pooled(x))  # its output is only pooled
         return features
 
 
@@ -230,9 +345,16 @@ class _PatchMLP(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         tokens = F.gelu(_conv_tokens(x, self.patchify))  # (B, N, dim)
         features = [tokens.mean(dim=1)]
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             tokens = tokens + block(tokens)
             features.append(tokens.mean(dim=1))
+        # The last block's tokens are only pooled: its final Linear acts on the pooled tokens
+        # (a linear map commutes with the mean), on B rows instead of B N.
+        *head, last = self.blocks[-1]
+        hidden = tokens
+        for layer in head:
+            hidden = layer(hidden)
+        features.append(features[-1] + last(hidden.mean(dim=1)))
         return features
 
 

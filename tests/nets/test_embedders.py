@@ -153,6 +153,11 @@ def _plain_features(bank: RandomEmbedderBank, x: torch.Tensor) -> list[torch.Ten
             for block in net.blocks:
                 tokens = tokens + block(tokens)
                 out.append(tokens.mean(dim=1))
+        elif family == "resnet":
+            h = net.stem(x)
+            for block in net.blocks:
+                h = block(h)  # every convolution run, the last block's too
+                out.append(h.mean(dim=(2, 3)))
         else:
             out.extend(net(x))
     return out
@@ -214,3 +219,40 @@ def test_a_retained_graph_gives_the_same_gradient_twice():
     (first,) = torch.autograd.grad(loss, x, retain_graph=True)
     (second,) = torch.autograd.grad(loss, x)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "size"),
+    [
+        (3, 1, 1, 2),
+        (3, 1, 1, 5),
+        (3, 2, 1, 7),
+        (5, 1, 2, 8),
+        (1, 2, 0, 7),
+        (3, 1, 0, 6),
+        (4, 4, 0, 10),
+    ],
+)
+def test_pooled_convolution_shortcuts_match_the_convolution(kernel, stride, padding, size):
+    """_mean_of_conv (the last ResNet block's pooled output) and _relu_mean_of_conv (the wide
+    net's gathered patches) against the plain convolution, value and input gradient, float64."""
+    import torch.nn.functional as F
+
+    from lightning_losses.nets.embedders import _mean_of_conv, _relu_mean_of_conv
+
+    conv = torch.nn.Conv2d(3, 5, kernel, stride=stride, padding=padding).double()
+    conv.requires_grad_(False)
+    x = _images(4, 3, size, seed=5).double()
+    weights = torch.randn(4, 5, dtype=torch.float64)
+    for fast, plain in (
+        (_mean_of_conv, lambda t: conv(t).mean(dim=(2, 3))),
+        (_relu_mean_of_conv, lambda t: F.relu(conv(t)).mean(dim=(2, 3))),
+    ):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, want = fast(a, conv), plain(b)
+        assert got.shape == want.shape == (4, 5)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+        (weights * got).sum().backward()
+        (weights * want).sum().backward()
+        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: _mean_of_conv(t, conv), (x[:2].requires_grad_(),))
