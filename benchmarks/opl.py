@@ -11,6 +11,9 @@
      (reads the features, writes and reads the normalised copy: the issue's yardstick);
    - ``floor_fb``: the same with ``.sum()`` and its backward through autograd.
 
+   Each time is taken twice, wall-clock and CPU time of the process (steadier on the shared
+   machine; see :func:`time_case`).
+
    Peak memory of each form but ``gram`` in a fresh subprocess per (form, B, D).
 2. ``--step-overhead``: the step-time overhead of OPL in an ``OPLClassifier`` training step
    (ResNet-56, B=128, 100 classes, SGD) against ``opl_weight=0``, the two arms interleaved
@@ -21,6 +24,7 @@ Usage (from the repository root)::
     python benchmarks/opl.py                  # B x D in {4096x64, 8192x512, 16384x2048}: ~5 min
     python benchmarks/opl.py --quick          # {1024x64, 4096x512}, under a minute
     python benchmarks/opl.py --no-write       # print only
+    python benchmarks/opl.py --cases 8192x512 --no-write  # one size, print only
     python benchmarks/opl.py --step-overhead  # also part 2
 
 Writes the section ``## OPL: speed and memory`` of docs/RESULTS.md (benchmarks/harness.py).
@@ -140,12 +144,19 @@ def call(name: str, features: Tensor, labels: Tensor) -> Tensor:
 def time_case(
     batch: int, dim: int, forms: list[str], reps: int, gram_budget_s: float
 ) -> dict[str, dict]:
-    """Median and minimum seconds per call of each form.
+    """Median and minimum seconds per call of each form, wall-clock and CPU time.
 
     One warm-up call per form at full size (the Gram form: at B = 256, its full-size call can
     take half a minute), then ``reps`` rounds; in each round every form is called once, in an
     order rotated from round to round, so a slow spell of the shared machine hits all forms. The
     Gram form is timed in round 0 and then only while its calls fit in ``gram_budget_s``.
+
+    The previous call's gradient is freed before the clock starts (freeing a large buffer can
+    cost a ``munmap``, which belongs to no form). CPU time (``time.process_time``: this
+    process's user + system time, every thread) leaves out the time the process waited for a
+    core, which on the shared machine grows faster than linearly with a call's length (a call
+    shorter than a scheduler slice often runs through, a longer one is descheduled once or
+    more), so it is the steadier ratio; page faults are system time and stay in.
     """
     features, labels = make_inputs(batch, dim)
     small_f, small_y = make_inputs(256, dim)
@@ -156,14 +167,17 @@ def time_case(
         else:
             values[name] = float(call(name, features, labels).sum())
     times: dict[str, list[float]] = {name: [] for name in forms}
+    cpu: dict[str, list[float]] = {name: [] for name in forms}
     gram_reps = reps
     for index in range(reps):
         shift = index % len(forms)
         for name in forms[shift:] + forms[:shift]:
             if name == "gram" and index >= gram_reps:
                 continue
-            start = time.perf_counter()
+            features.grad = None
+            start, start_cpu = time.perf_counter(), time.process_time()
             out = call(name, features, labels)
+            cpu[name].append(time.process_time() - start_cpu)
             seconds = time.perf_counter() - start
             times[name].append(seconds)
             if name == "gram" and index == 0:
@@ -173,6 +187,8 @@ def time_case(
         name: {
             "median_s": statistics.median(ts),
             "min_s": min(ts),
+            "cpu_median_s": statistics.median(cpu[name]),
+            "cpu_min_s": min(cpu[name]),
             "reps": len(ts),
             "value": values.get(name, float("nan")),
         }
@@ -391,53 +407,61 @@ def _x(value: float | None, bold: bool = False) -> str:
     return f"**{text}**" if bold else text
 
 
+def _peak_per_unit(row: dict, name: str) -> str:
+    m = row["memory"].get(name)
+    unit = row["B"] * row["D"] * 4 / MIB
+    return "-" if not m or "error" in m else f"{m['peak_mib'] / unit:.2f}"
+
+
+def _closed_peak(row: dict) -> str:
+    m = row["memory"].get("closed")
+    return "-" if not m or "error" in m else f"{m['peak_mib']:,.1f}"
+
+
+def _closed_ms(row: dict) -> str:
+    closed = row["time"]["closed"]
+    return f"{_ms(closed['median_s'])} ({_ms(closed['min_s'])})"
+
+
+def _gram_ms(row: dict) -> str:
+    gram = row["time"].get("gram")
+    return "skipped" if gram is None else _ms(gram["median_s"])
+
+
+def _calls(row: dict) -> str:
+    gram = row["time"].get("gram")
+    return f"{row['time']['closed']['reps']} / {'-' if gram is None else gram['reps']}"
+
+
+def _over(num: str, den: str, key: str = "median_s", bold: bool = False) -> Callable[[dict], str]:
+    """A column: the ratio ``num / den`` of a row's times (``key``: which statistic)."""
+    return lambda row: _x(_ratio(row["time"].get(num), row["time"].get(den), key), bold)
+
+
+# The loss table, one (header, cell) pair per column.
+LOSS_COLUMNS: list[tuple[str, Callable[[dict], object]]] = [
+    ("B", lambda row: row["B"]),
+    ("D", lambda row: row["D"]),
+    ("closed form ms, median (min)", _closed_ms),
+    ("previous autograd ms", lambda row: _ms(row["time"]["autograd"]["median_s"])),
+    ("Gram ms", _gram_ms),
+    ("Gram / closed", _over("gram", "closed", bold=True)),
+    ("previous / closed", _over("autograd", "closed")),
+    ("closed / normalise-and-sum", _over("closed", "floor", bold=True)),
+    ("same, CPU time", _over("closed", "floor", "cpu_median_s", bold=True)),
+    ("closed / normalise-and-sum fwd+bwd", _over("closed", "floor_fb")),
+    ("closed peak MiB", _closed_peak),
+    ("closed peak / (B·D·4 B)", lambda row: _peak_per_unit(row, "closed")),
+    ("previous peak / (B·D·4 B)", lambda row: _peak_per_unit(row, "autograd")),
+    ("timed calls closed / Gram", _calls),
+]
+
+
 def loss_table(rows: list[dict]) -> str:
-    headers = [
-        "B",
-        "D",
-        "closed form ms, median (min)",
-        "previous autograd ms",
-        "Gram ms",
-        "Gram / closed",
-        "previous / closed",
-        "closed / normalise-and-sum",
-        "closed / normalise-and-sum fwd+bwd",
-        "closed peak MiB",
-        "closed peak / (B·D·4 B)",
-        "previous peak / (B·D·4 B)",
-        "timed calls closed / Gram",
-    ]
-    table = []
-    for row in rows:
-        t, mem = row["time"], row["memory"]
-        closed, gram = t["closed"], t.get("gram")
-        unit = row["B"] * row["D"] * 4 / MIB
-
-        def per_unit(name: str, mem: dict = mem, unit: float = unit) -> str:
-            m = mem.get(name)
-            return "-" if not m or "error" in m else f"{m['peak_mib'] / unit:.2f}"
-
-        closed_mem = mem.get("closed")
-        table.append(
-            [
-                row["B"],
-                row["D"],
-                f"{_ms(closed['median_s'])} ({_ms(closed['min_s'])})",
-                _ms(t["autograd"]["median_s"]),
-                "skipped" if gram is None else _ms(gram["median_s"]),
-                _x(_ratio(gram, closed), bold=True),
-                _x(_ratio(t["autograd"], closed)),
-                _x(_ratio(closed, t["floor"]), bold=True),
-                _x(_ratio(closed, t["floor_fb"])),
-                "-"
-                if not closed_mem or "error" in closed_mem
-                else f"{closed_mem['peak_mib']:,.1f}",
-                per_unit("closed"),
-                per_unit("autograd"),
-                f"{closed['reps']} / {'-' if gram is None else gram['reps']}",
-            ]
-        )
-    return markdown_table(headers, table)
+    return markdown_table(
+        [header for header, _ in LOSS_COLUMNS],
+        [[cell(row) for _, cell in LOSS_COLUMNS] for row in rows],
+    )
 
 
 def goal_lines(rows: list[dict]) -> list[str]:
@@ -455,12 +479,16 @@ def goal_lines(rows: list[dict]) -> list[str]:
                 f"- Goal >= {GOAL_SPEEDUP:g}x the Gram form at {where}: {speedup:,.0f}x from the "
                 f"medians ({verdict}), {speedup_min:,.0f}x from the minima."
             )
-        floor = _ratio(t["closed"], t["floor"])
-        floor_min = _ratio(t["closed"], t["floor"], "min_s")
-        verdict = "met" if floor <= GOAL_FLOOR_RATIO else "not met"
+        ratios = [
+            _ratio(t["closed"], t["floor"], key)
+            for key in ("median_s", "min_s", "cpu_median_s", "cpu_min_s")
+        ]
+        verdicts = ["met" if r <= GOAL_FLOOR_RATIO else "not met" for r in ratios]
         lines.append(
             f"- Goal: time within {GOAL_FLOOR_RATIO:g}x of a plain normalise-and-sum at {where}: "
-            f"{floor:.2f}x from the medians ({verdict}), {floor_min:.2f}x from the minima."
+            f"wall-clock {ratios[0]:.2f}x from the medians ({verdicts[0]}), {ratios[1]:.2f}x "
+            f"from the minima ({verdicts[1]}); CPU time {ratios[2]:.2f}x from the medians "
+            f"({verdicts[2]}), {ratios[3]:.2f}x from the minima ({verdicts[3]})."
         )
         if closed_mem and "error" not in closed_mem:
             per = closed_mem["peak_mib"] / (row["B"] * row["D"] * 4 / MIB)
@@ -504,6 +532,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small cases, under a minute")
     parser.add_argument("--no-write", action="store_true", help="print only, write no file")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        metavar="BxD",
+        help="only these sizes, e.g. --cases 8192x512 (with --no-write to keep the full table)",
+    )
     parser.add_argument("--step-overhead", action="store_true", help="also part 2 (~3 min)")
     parser.add_argument("--reps", type=int, default=7, help="timed rounds per case (7)")
     parser.add_argument(
@@ -532,7 +566,10 @@ def main() -> None:
 
     load_start = os.getloadavg()[0]
     rows = []
-    for batch, dim in QUICK_CASES if args.quick else CASES:
+    cases = QUICK_CASES if args.quick else CASES
+    if args.cases:
+        cases = [tuple(int(v) for v in case.lower().split("x")) for case in args.cases]
+    for batch, dim in cases:
         memory = {name: measure_memory(name, batch, dim) for name in MEMORY_FORMS}
         log(f"memory B={batch} D={dim}: {memory}")
         timing = time_case(batch, dim, list(FORMS), args.reps, args.gram_budget)
@@ -566,8 +603,13 @@ def main() -> None:
         f"- The forms agree: largest |closed - other| of the float32 loss (about 1.0) over the "
         f"cases is {agree:.1e}.",
         f"- Time: one warm-up call per form (the Gram form's at B = 256), then {args.reps} "
-        "rounds in which every form is called once, in an order rotated from round to round; "
-        "median (and minimum) of each form's calls. The Gram form is timed in round 0 and "
+        "rounds in which every form is called once, in an order rotated from round to round "
+        "(the previous call's gradient freed before the clock starts); median (and minimum) "
+        "of each form's calls, wall-clock and CPU time (`time.process_time`: user + system "
+        "time of the process, so page faults count but waiting for a core does not; on the "
+        "shared machine a call longer than a scheduler slice is descheduled more often than "
+        "a short one, which can inflate the wall-clock ratio of a longer form). The Gram form "
+        "is timed in round 0 and "
         f"then only while its calls fit in {args.gram_budget:g} s per case. float32 features "
         f"N(0, 1), labels uniform over {NUM_CLASSES} classes, gamma {GAMMA}. The machine's 2 "
         "cores are shared with other jobs (1-min load average "

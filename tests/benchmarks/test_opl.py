@@ -31,6 +31,9 @@ def test_time_and_memory_case_and_report(bench, tmp_path):
     timing = bench.time_case(32, 4, list(bench.FORMS), reps=2, gram_budget_s=0.0)
     assert set(timing) == set(bench.FORMS)
     assert timing["gram"]["reps"] == 1 and timing["closed"]["reps"] == 2
+    for stats in timing.values():
+        assert 0 < stats["min_s"] <= stats["median_s"]
+        assert 0 <= stats["cpu_min_s"] <= stats["cpu_median_s"]
     memory = bench.memory_case("closed", 32, 4, repeats=1)
     assert memory["peak_mib"] >= 0 and memory["repeats"] == 1
     rows = [{"B": 8192, "D": 512, "time": timing, "memory": {"closed": memory}}]
@@ -38,6 +41,11 @@ def test_time_and_memory_case_and_report(bench, tmp_path):
     assert table.count("\n") == 3 and "| 8192 | 512 |" in table
     goals = bench.goal_lines(rows)
     assert len(goals) == 3 and all(("met" in line) for line in goals)
+    assert "wall-clock" in goals[1] and "CPU time" in goals[1]
+    # Every column has a header and a cell: as many separators in each line.
+    lines = table.splitlines()
+    assert len({line.count("|") for line in lines}) == 1
+    assert lines[0].count("|") == len(bench.LOSS_COLUMNS) + 1
 
 
 def test_kept_step_subsection(bench, tmp_path):
