@@ -32,6 +32,10 @@ from lightning_losses.datamodules.views import ViewsDataset, default_view_transf
 
 __all__ = ["CachedOutputs", "CalibrationDataModule", "collate_cached", "dataset_targets"]
 
+#: A frozen classifier's outputs of a batch (:meth:`CalibrationDataModule.cache_outputs`):
+#: ``fn(images, views) -> (logits (B, C), view_logits (V, B, C) or None)``.
+OutputsFn = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+
 
 def dataset_targets(dataset: Dataset) -> np.ndarray:
     """The int label of every item of ``dataset``, cheaply when possible.
@@ -447,10 +451,7 @@ class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
 
     @torch.no_grad()
     def cache_outputs(
-        self,
-        fn: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
-        device: torch.device | str | None = None,
-        key: str | None = None,
+        self, fn: OutputsFn, device: torch.device | str | None = None, key: str | None = None
     ) -> None:
         """Run a frozen classifier once over the calibration and held-out splits and serve its
         outputs instead of images from then on.
@@ -479,10 +480,7 @@ class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
 
     @torch.no_grad()
     def cache_test_outputs(
-        self,
-        fn: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
-        device: torch.device | str | None = None,
-        key: str | None = None,
+        self, fn: OutputsFn, device: torch.device | str | None = None, key: str | None = None
     ) -> None:
         """Like :meth:`cache_outputs`, for every test set: :meth:`test_dataloader` then yields
         ``{"logits", "view_logits", "labels"}`` batches of the same items in the same order and
@@ -496,7 +494,7 @@ class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
 
     def _outputs_of(
         self,
-        fn: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
+        fn: OutputsFn,
         datasets: list[Dataset],
         group: str,
         device: torch.device | str | None,
@@ -513,10 +511,7 @@ class CalibrationDataModule(WrapperDataModule, ClassificationDataModule):
         return outputs
 
     def _run(
-        self,
-        fn: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]],
-        dataset: Dataset,
-        device: torch.device | str | None,
+        self, fn: OutputsFn, dataset: Dataset, device: torch.device | str | None
     ) -> CachedOutputs:
         logits, view_logits, labels = [], [], []
         for batch in self._loader(dataset, "test", shuffle=False):
