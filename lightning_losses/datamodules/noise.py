@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 NoiseType = Literal["symmetric", "pairflip"]
-NOISE_TYPES: tuple[str, ...] = ("symmetric", "pairflip")
+NOISE_TYPES: tuple[str, ...] = get_args(NoiseType)
 
 #: The validation split's noise is drawn with ``seed + VAL_NOISE_SEED_OFFSET``, so it is not a
 #: copy of the training split's draw.

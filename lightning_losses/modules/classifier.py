@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -27,7 +27,7 @@ from lightning_losses.modules.schedulers import optimizer_config
 from lightning_losses.nets import feature_dim_of
 
 BaseLoss = Literal["ce", "gce", "truncated"]
-BASE_LOSSES: tuple[str, ...] = ("ce", "gce", "truncated")
+BASE_LOSSES: tuple[str, ...] = get_args(BaseLoss)
 
 
 def _adam(params: Any) -> torch.optim.Optimizer:
