@@ -14,6 +14,7 @@ from lightning_losses.losses import (
     calibration_cross_entropy,
     calibration_mse,
     correctness_aware_loss,
+    correctness_aware_objective,
     correctness_weights,
 )
 
@@ -311,3 +312,32 @@ def test_unweighted_ca_is_the_plain_mean_and_bad_weighting_raises():
         correctness_aware_loss(logits, labels, weighting="class")
     with pytest.raises(ValueError, match="weighting must be one of"):
         CorrectnessAwareLoss(weighting="Balanced")
+
+
+@pytest.mark.parametrize("case", ["mixed", "all_correct", "all_wrong"])
+@pytest.mark.parametrize("weighting", ["balanced", "split", "none"])
+def test_closed_form_objective_and_gradient_match_the_loop_and_autograd(case, weighting):
+    """The fitting loop's _objective_and_grad: the value of correctness_aware_objective (and of
+    the float64 loop reference for the paper's weights) and autograd's gradient in confidence."""
+    from lightning_losses.losses.calibration import _objective_and_grad
+
+    logits, labels = _batch(7, n=31)
+    if case == "all_correct":
+        labels = logits.argmax(1)
+    elif case == "all_wrong":
+        labels = (logits.argmax(1) + 1) % logits.shape[1]
+    correct = (logits.argmax(1) == labels).double()
+    conf = torch.softmax(logits, 1).amax(1).requires_grad_()
+    accuracy = torch.tensor(0.7, dtype=torch.float64) if weighting == "split" else None
+    expected = correctness_aware_objective(conf, correct, weighting, accuracy).loss
+    (expected_grad,) = torch.autograd.grad(expected, conf)
+    with torch.no_grad():
+        loss, grad = _objective_and_grad(conf.detach(), correct, weighting, accuracy)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-13, abs=1e-15)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-15)
+    if weighting == "balanced":
+        assert loss.item() == pytest.approx(reference_ca(logits, labels), rel=1e-12)
+    if case != "mixed" and weighting != "split":  # the unweighted-mean fallback
+        plain = ((conf.detach() - correct) ** 2).mean()
+        assert loss.item() == pytest.approx(plain.item(), rel=1e-13)
+        torch.testing.assert_close(grad, 2 * (conf.detach() - correct) / len(correct))
