@@ -19,7 +19,7 @@ This module imports torch only.
 from __future__ import annotations
 
 import math
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -295,6 +295,21 @@ def fit_temperature(
     return model.fit(logits, labels, max_iter=max_iter, allow_probabilities=allow_probabilities)
 
 
+class _TemperatureParts(NamedTuple):
+    """What :meth:`CorrectnessAwareCalibrator._temperature_backward` reads of the forward."""
+
+    x: Tensor
+    """(N, k V) input features in the working dtype."""
+    hidden: Tensor
+    """(N, H) ReLU output."""
+    sigma: Tensor
+    """(N,) sigmoid of the last layer's output plus the offset."""
+    raw: Tensor
+    """(N,) temperature before the clamp."""
+    temperature: Tensor
+    """(N,) temperature."""
+
+
 class CorrectnessAwareCalibrator(TemperatureCalibrator):
     """Per-sample temperature from the transformed views (Liu et al., arXiv 2404.13016).
 
@@ -336,7 +351,7 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
     """
 
     requires_views = True
-    FEATURE_CHUNK_ELEMENTS = 1 << 22  # rows per chunk of :meth:`features`: 4M view logits
+    FEATURE_CHUNK_ELEMENTS = 1 << 22  # view logits per softmax call of :meth:`features`
 
     def __init__(
         self,
@@ -405,20 +420,20 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
         """
         self._check_views(logits, view_logits)
         dtype = self._working_dtype(logits)
-        n = logits.shape[0]
-        out = torch.empty(n, self.num_views * self.top_k, dtype=dtype, device=logits.device)
-        # In chunks of rows: the (V, rows, C) softmax of all N rows at once would need
-        # V * N * C extra numbers (600 MB at N = 50,000, C = 1000, V = 3). Row-wise, so the
-        # result does not depend on the chunking.
-        chunk = max(1, self.FEATURE_CHUNK_ELEMENTS // max(1, self.num_views * logits.shape[1]))
+        n, k = logits.shape[0], self.top_k
+        out = torch.empty(n, self.num_views * k, dtype=dtype, device=logits.device)
+        # In chunks of rows, one view at a time: a softmax of all N rows at once would need
+        # V * N * C extra numbers (600 MB at N = 50,000, C = 1000, V = 3), and one over
+        # view_logits[:, rows] would first copy that non-contiguous (V, rows, C) block. Row-wise,
+        # so the result does not depend on the chunking.
+        chunk = max(1, self.FEATURE_CHUNK_ELEMENTS // max(1, logits.shape[1]))
         with torch.no_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
             for start in range(0, n, chunk):
                 rows = slice(start, start + chunk)
-                top = logits[rows].detach().topk(self.top_k, dim=1, largest=True, sorted=True)
-                probs = torch.softmax(view_logits[:, rows].detach().to(dtype), dim=-1)
-                index = top.indices.unsqueeze(0).expand(self.num_views, -1, -1)  # (V, n, k)
-                gathered = probs.gather(2, index)  # (V, n, k)
-                out[rows] = gathered.permute(1, 0, 2).reshape(-1, out.shape[1])
+                top = logits[rows].detach().topk(k, dim=1, largest=True, sorted=True).indices
+                for j in range(self.num_views):
+                    probs = torch.softmax(view_logits[j, rows].detach().to(dtype), dim=-1)
+                    out[rows, j * k : (j + 1) * k] = probs.gather(1, top)
         return out
 
     def _check_features(self, logits: Tensor, features: Tensor) -> None:
@@ -435,16 +450,69 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
 
     def temperature_from_features(self, features: Tensor) -> Tensor:
         """(N,) per-sample temperatures from precomputed (N, k V) :meth:`features`."""
+        return self._temperature_parts(features).temperature
+
+    def _temperature_parts(self, features: Tensor) -> _TemperatureParts:
+        """The network's forward (the class docstring's formulas), keeping what
+        :meth:`_temperature_backward` needs; differentiable (autograd) when called with grad."""
         with torch.autocast(device_type=features.device.type, enabled=False):
             dtype = torch.promote_types(features.dtype, self._working_dtype(features))
             x = features.to(dtype)
             layers = self.mlp
             first, last = layers[0], layers[-1]
-            h = F.relu(F.linear(x, first.weight.to(x.dtype), first.bias.to(x.dtype)))
-            u = F.linear(h, last.weight.to(x.dtype), last.bias.to(x.dtype)).squeeze(1)
-            log_t = self.log_t_min + self.log_t_range * torch.sigmoid(u + self.offset)
+            pre = F.linear(x, first.weight.to(dtype), first.bias.to(dtype))
+            hidden = F.relu(pre)
+            u = F.linear(hidden, last.weight.to(dtype), last.bias.to(dtype)).squeeze(1)
+            sigma = torch.sigmoid(u + self.offset)
+            raw = (self.log_t_min + self.log_t_range * sigma).exp()
             # Mathematically a no-op; it only removes the rounding of exp(log(t_max)).
-            return log_t.exp().clamp(self.t_min, self.t_max)
+            return _TemperatureParts(x, hidden, sigma, raw, raw.clamp(self.t_min, self.t_max))
+
+    def _closed_form_parameters(self) -> list[nn.Parameter] | None:
+        """``[W1, b1, W2, b2]`` when :meth:`_temperature_backward` is this calibrator's exact
+        gradient (the class's own network and forward, every parameter trainable), else None."""
+        cls = CorrectnessAwareCalibrator
+        layers = self.mlp
+        stock = (
+            type(self).temperature_from_features is cls.temperature_from_features
+            and type(self)._temperature_parts is cls._temperature_parts
+            and type(layers) is nn.Sequential
+            and [type(m) for m in layers] == [nn.Linear, nn.ReLU, nn.Linear]
+        )
+        if not stock:
+            return None
+        params = [layers[0].weight, layers[0].bias, layers[2].weight, layers[2].bias]
+        if len(list(self.parameters())) != 4 or not all(p.requires_grad for p in params):
+            return None
+        return params
+
+    def _temperature_backward(self, parts: _TemperatureParts, grad: Tensor) -> list[Tensor]:
+        """Gradients of :math:`\\sum_i g_i T_i` (``grad`` = :math:`g`, (N,)) with respect to
+        ``[W1, b1, W2, b2]`` in closed form (no autograd), each in its parameter's dtype:
+
+        .. math::
+
+            \\frac{\\partial T}{\\partial u} = [t_{min} \\le \\hat T \\le t_{max}]\\,
+            \\hat T\\, (\\log t_{max} - \\log t_{min})\\, \\sigma (1 - \\sigma),
+
+        :math:`\\hat T` the temperature before the clamp (whose gradient is 1 on its closed
+        interval, as autograd's), then the last linear layer, the ReLU (:math:`[h > 0]`) and
+        the first linear layer.
+        """
+        first, last = self.mlp[0], self.mlp[-1]
+        inside = (parts.raw >= self.t_min) & (parts.raw <= self.t_max)
+        g = torch.where(inside, grad, 0.0) * parts.raw * self.log_t_range
+        g = g * (1.0 - parts.sigma) * parts.sigma  # dL/du, (N,)
+        w2 = last.weight.to(g.dtype)
+        g_pre = torch.where(parts.hidden > 0, g[:, None] * w2, 0.0)  # dL/d(pre), (N, H)
+        grads = (
+            g_pre.t() @ parts.x,
+            g_pre.sum(dim=0),
+            g[None, :] @ parts.hidden,
+            g.sum().reshape(1),
+        )
+        params = (first.weight, first.bias, last.weight, last.bias)
+        return [gi.to(p.dtype) for gi, p in zip(grads, params)]
 
     def temperature(
         self, logits: Tensor, view_logits: Tensor | None = None, features: Tensor | None = None

@@ -337,3 +337,63 @@ def test_fit_temperature_refuses_no_samples_and_probabilities():
     # Log-probabilities are valid logits (softmax is shift invariant): same T as the logits.
     t_log = fit_temperature(z.log_softmax(1), labels).scalar_temperature().item()
     assert t_log == pytest.approx(fit_temperature(z, labels).scalar_temperature().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("std", "module_dtype"), [(0.5, torch.float64), (3.0, torch.float64), (0.5, torch.float32)]
+)
+def test_closed_form_temperature_gradient_equals_autograd(std, module_dtype):
+    """_temperature_backward (the fit's gradient without autograd) against autograd through
+    temperature_from_features, in float64: dead ReLU units (std 0.5 and 3 leave some), rows
+    whose sigmoid saturates at a bound (std 3), and a float32 network on float64 features."""
+    logits, views = _logits(11, n=64)
+    cal = CorrectnessAwareCalibrator(num_views=3).to(module_dtype)
+    _randomise(cal, 5, std=std)
+    with torch.no_grad():
+        cal.mlp[-1].bias.fill_(2.0 if std > 1 else 0.0)
+    features = cal.features(logits.double(), views.double())
+    grad_t = torch.randn(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    params = cal._closed_form_parameters()
+    assert params == list(cal.parameters())
+    t = cal.temperature_from_features(features)
+    expected = torch.autograd.grad((t * grad_t).sum(), params)
+    with torch.no_grad():
+        parts = cal._temperature_parts(features)
+        got = cal._temperature_backward(parts, grad_t)
+    assert torch.equal(parts.temperature, t.detach())
+    hidden = parts.hidden
+    assert (hidden == 0).any() and (hidden > 0).any()  # both sides of the ReLU are exercised
+    if std > 1:
+        assert ((parts.sigma * (1 - parts.sigma)) < 1e-12).any()  # saturated rows
+    tol = {"rtol": 1e-12, "atol": 1e-14} if module_dtype == torch.float64 else {}
+    for g, e, p in zip(got, expected, params):
+        assert g.dtype == p.dtype and g.shape == p.shape
+        torch.testing.assert_close(g, e, **tol)
+    # The whole chain in float64: finite differences agree with the closed form.
+    if module_dtype == torch.float64 and std < 1:
+
+        def loss_of_params(w1, b1, w2, b2):
+            h = F.relu(features @ w1.t() + b1)
+            u = (h @ w2.t() + b2).squeeze(1)
+            sig = torch.sigmoid(u + cal.offset)
+            temp = (cal.log_t_min + cal.log_t_range * sig).exp().clamp(cal.t_min, cal.t_max)
+            return (temp * grad_t).sum()
+
+        leaves = [p.detach().clone().requires_grad_() for p in params]
+        assert torch.autograd.gradcheck(loss_of_params, leaves)
+
+
+def test_closed_form_parameters_only_for_the_stock_network():
+    cal = CorrectnessAwareCalibrator(num_views=2)
+    assert cal._closed_form_parameters() == list(cal.parameters())
+    cal.mlp[0].weight.requires_grad_(False)  # a frozen layer: autograd's path
+    assert cal._closed_form_parameters() is None
+
+    class Shifted(CorrectnessAwareCalibrator):
+        def temperature_from_features(self, features):
+            return super().temperature_from_features(features) * 1.5
+
+    assert Shifted(num_views=2)._closed_form_parameters() is None
+    other = CorrectnessAwareCalibrator(num_views=2)
+    other.mlp = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    assert other._closed_form_parameters() is None
