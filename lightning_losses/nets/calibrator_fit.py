@@ -42,6 +42,9 @@ from lightning_losses.checks import (
 from lightning_losses.losses.calibration import (
     CA_WEIGHTINGS,
     LOG2_E,
+    _confidence_and_moment,
+    _confidence_vjp,
+    _objective_and_grad,
     _tempered_confidence_into,
     calibration_cross_entropy,
     calibration_mse,
@@ -70,15 +73,23 @@ class FitHistory(NamedTuple):
     """Held-out objective after every epoch (empty without a held-out set)."""
 
 
+def _epoch_order(
+    n: int, batch_size: int, generator: torch.Generator, drop_last: bool
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """``(order, bounds)``: a fresh ``randperm(n)``, the ``[start, stop)`` of every batch in it."""
+    order = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if drop_last else n
+    return order, [(i, min(i + batch_size, stop)) for i in range(0, stop, batch_size)]
+
+
 def epoch_batches(
     n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False
 ) -> list[Tensor]:
     """One epoch's mini-batches of row indices: a fresh ``randperm(n)`` cut into ``batch_size``
     pieces (the last, smaller one dropped with ``drop_last``, kept otherwise as the authors'
-    ``DataLoader(shuffle=True)``)."""
-    order = torch.randperm(n, generator=generator)
-    stop = n - n % batch_size if drop_last else n
-    return [order[i : min(i + batch_size, stop)] for i in range(0, stop, batch_size)]
+    ``DataLoader(shuffle=True)``). :func:`fit_calibrator` draws its batches so."""
+    order, bounds = _epoch_order(n, batch_size, generator, drop_last)
+    return [order[start:stop] for start, stop in bounds]
 
 
 def _holdout_split(n: int, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -188,11 +199,21 @@ def fit_calibrator(
         z = logits.detach().to(dtype)
         targets = labels.long()
         correct = (z.argmax(dim=1) == targets).to(dtype)
-        # Base-2 shifted logits (d log2 e), for exp2 in every step's confidence.
-        base2 = (z - z.max(dim=1, keepdim=True).values) * LOG2_E if objective == "ca" else None
+        base2 = None
+        if objective == "ca":  # base-2 shifted logits d log2 e, for exp2 in every step
+            base2 = torch.empty(z.shape, dtype=dtype, device=device)  # one (N, C) allocation
+            torch.sub(z, z.amax(dim=1, keepdim=True), out=base2).mul_(LOG2_E)
         fast_inputs = precompute and hasattr(calibrator, "temperature_from_features")
         features = calibrator.features(z, view_logits) if needs_views and fast_inputs else None
     split_accuracy = correct[train_rows].mean() if weighting == "split" else None
+    closed_form_params = getattr(calibrator, "_closed_form_parameters", lambda: None)()
+    closed_form = (
+        objective == "ca"
+        and features is not None
+        and closed_form_params is not None
+        and len(closed_form_params) == len(params)
+        and all(a is b for a, b in zip(closed_form_params, params))
+    )
 
     def loss_of(rows: Tensor, weights_accuracy: Tensor | None) -> Tensor:
         if not precompute:  # the reference: everything from the cached tensors, every step
@@ -223,6 +244,19 @@ def fit_calibrator(
         onehot = F.one_hot(targets[rows], probs.shape[1]).to(dtype)
         return ((probs - onehot) ** 2).sum(dim=1).mean()
 
+    def closed_form_step(rows: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """The CA objective of one batch (``x`` its features, ``y`` its correctness), with the
+        gradients of every parameter set in closed form: no autograd graph, (B, C) work in
+        :func:`_confidence_and_moment` only."""
+        parts = calibrator._temperature_parts(x)
+        batch = torch.index_select(base2, 0, rows, out=gathered[: len(rows)])
+        confidence, moment = _confidence_and_moment(batch, parts.temperature, work[: len(rows)])
+        loss, grad = _objective_and_grad(confidence, y, weighting, split_accuracy)
+        grad_t = _confidence_vjp(grad, confidence, moment, parts.temperature)
+        for param, g in zip(params, calibrator._temperature_backward(parts, grad_t)):
+            param.grad = g
+        return loss
+
     # Preallocated (B, C) buffers: a fresh 4 MB tensor every step costs page faults.
     width = (batch_size if not len(holdout_rows) else max(batch_size, len(holdout_rows)),)
     gathered = (
@@ -245,18 +279,27 @@ def fit_calibrator(
     with torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
         while epoch < epochs and (max_steps is None or steps < max_steps):
             epoch += 1
-            total, count = torch.zeros((), dtype=torch.float64), 0
-            for batch in epoch_batches(len(train_rows), batch_size, generator, drop_last):
+            total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+            order, bounds = _epoch_order(len(train_rows), batch_size, generator, drop_last)
+            epoch_rows = train_rows[order].to(device)
+            if closed_form:  # this epoch's rows in batch order: every batch a slice
+                x_epoch = features.index_select(0, epoch_rows)
+                y_epoch = correct.index_select(0, epoch_rows)
+            for start, stop in bounds:
                 if max_steps is not None and steps >= max_steps:
                     break
-                rows = train_rows[batch].to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_of(rows, split_accuracy)
-                loss.backward()
+                rows = epoch_rows[start:stop]
+                if closed_form:
+                    with torch.no_grad():
+                        loss = closed_form_step(rows, x_epoch[start:stop], y_epoch[start:stop])
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_of(rows, split_accuracy)
+                    loss.backward()
                 optimizer.step()
                 steps += 1
-                total += loss.detach().double().cpu() * len(rows)
-                count += len(rows)
+                total += loss.detach().double() * (stop - start)  # no host copy per step
+                count += stop - start
             train_losses.append(float(total) / max(count, 1))
             if len(holdout_rows):
                 with torch.no_grad():
