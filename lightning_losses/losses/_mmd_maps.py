@@ -74,19 +74,20 @@ class _PooledMatrices(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, y: Tensor, linear: bool) -> tuple[Tensor, Tensor]:
         z = torch.cat([x, y], dim=1)
-        z = z - z.mean(dim=1, keepdim=True)
+        z -= z.mean(dim=1, keepdim=True)
         scale = _power_of_two_scales(z)
-        z = z / scale[:, None, None]
-        gram = z @ z.transpose(1, 2)
+        z /= scale[:, None, None]
         keep = None
         if linear:
-            out = gram
+            out = z @ z.transpose(1, 2)
         else:
-            sq = (z * z).sum(dim=2)
-            raw = sq[:, :, None] + sq[:, None, :] - 2.0 * gram
-            eye = torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
-            keep = (raw >= 0) & ~eye  # where the gradient passes (clamp_min's rule)
-            out = raw.clamp_min_(0.0).masked_fill_(eye, 0.0)
+            sq = z.square().sum(dim=2)
+            # |z_i|^2 + |z_j|^2 - 2 z_i . z_j in one (G, N, N) buffer (the product added in place)
+            out = (sq[:, :, None] + sq[:, None, :]).baddbmm_(z, z.transpose(1, 2), alpha=-2.0)
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                keep = out >= 0  # where the gradient passes (clamp_min's rule), off the diagonal
+                keep.diagonal(dim1=1, dim2=2).fill_(False)
+            out.clamp_min_(0.0).diagonal(dim1=1, dim2=2).fill_(0.0)
         ctx.linear = linear
         ctx.rows = x.shape[1]
         ctx.save_for_backward(x, y, z, scale, keep)
@@ -105,10 +106,9 @@ class _PooledMatrices(torch.autograd.Function):
             return (next(grads) if need_x else None, next(grads) if need_y else None, None)
         if keep is not None:
             grad = grad * keep
-        sym = grad + grad.transpose(1, 2)
         m = ctx.rows
         rows = slice(0 if need_x else m, None if need_y else m)
-        part = sym[:, rows]
+        part = grad[:, rows] + grad.transpose(1, 2)[:, rows]  # the rows of G + G^T needed
         moved = part @ z  # (G, rows, d)
         if not ctx.linear:
             moved = 2.0 * (part.sum(dim=2, keepdim=True) * z[:, rows] - moved)
@@ -118,16 +118,36 @@ class _PooledMatrices(torch.autograd.Function):
         return grad_x, grad_y, None
 
 
+#: Constant tensors rebuilt at every call otherwise (pair indices, estimator weights), per
+#: size, dtype and device; cleared when it grows past :data:`_CACHE_SIZE` entries.
+_CACHE: dict[tuple, Tensor] = {}
+_CACHE_SIZE = 64
+
+
+def _cached(key: tuple, build: Any) -> Tensor:
+    value = _CACHE.get(key)
+    if value is None:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.clear()
+        value = _CACHE[key] = build()
+    return value
+
+
 def _upper_pairs(n: int, device: torch.device) -> Tensor:
     """Flat indices i * n + j of the pairs i < j of an (n, n) matrix (row-major order)."""
-    rows, cols = torch.triu_indices(n, n, offset=1, device=device)
-    return rows * n + cols
+
+    def build() -> Tensor:
+        rows, cols = torch.triu_indices(n, n, offset=1, device=device)
+        return rows * n + cols
+
+    return _cached(("pairs", n, str(device)), build)
 
 
 def _median_bandwidths(d2: Tensor) -> Tensor:
     """(F, N, N) -> (F,) lower medians of the i < j squared distances, floored, no gradient."""
     with torch.no_grad():
-        pairs = d2.detach().flatten(1)[:, _upper_pairs(d2.shape[1], d2.device)]
+        flat = d2.detach().flatten(1)
+        pairs = torch.index_select(flat, 1, _upper_pairs(d2.shape[1], d2.device))
         return pairs.median(dim=1).values.clamp_min(MIN_BANDWIDTH)
 
 
@@ -175,26 +195,33 @@ class _WeightedGaussianSum(torch.autograd.Function):
         multipliers: tuple[float, ...],
         correction: Tensor | None,
     ) -> Tensor:
-        k = torch.zeros_like(d2)
-        slope = torch.zeros_like(d2)
+        need_slope = ctx.needs_input_grad[0]
         halvings = _halvings(multipliers)
-        e = None
+        k = slope = e = None
         for i, s in enumerate(multipliers):
             rate = 1.0 / (-s * h)
             if correction is not None:
                 rate = rate * correction * correction
             if halvings is not None and i > 0:
-                e = e * e  # exp(-d / (s h)) = exp(-d / (2 s h))^2: a product, not an exp
+                e = e.square_()  # exp(-d / (s h)) = exp(-d / (2 s h))^2: a product, not an exp
             else:
                 exponent = d2 / (-s * h)
                 if correction is not None:
                     exponent = exponent * correction * correction
-                e = torch.exp(exponent)
-            k += e
-            slope += e * rate
+                e = exponent.exp_()
+            if k is None:
+                k = e.clone()
+                slope = e * rate if need_slope else None
+            else:
+                k += e
+                if need_slope:
+                    slope.addcmul_(e, rate)
         ctx.multipliers = multipliers
-        ctx.save_for_backward(d2, h, weights, correction, slope.mul_(weights))
-        return (k * weights).sum(dim=(1, 2))
+        ctx.save_for_backward(
+            d2, h, weights, correction, slope.mul_(weights) if need_slope else None
+        )
+        # sum_ij W_ij k_ij per map as one matrix-vector product (no (F, N, N) product tensor)
+        return k.flatten(1) @ weights.flatten()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
@@ -208,6 +235,13 @@ class _WeightedGaussianSum(torch.autograd.Function):
 
 
 def _estimator_weights(m: int, n: int, unbiased: bool, dtype: torch.dtype, device) -> Tensor:
+    """:func:`_build_estimator_weights`, cached per (m, n, unbiased, dtype, device): treat
+    the result as read-only."""
+    key = ("weights", m, n, bool(unbiased), dtype, str(device))
+    return _cached(key, lambda: _build_estimator_weights(m, n, unbiased, dtype, device))
+
+
+def _build_estimator_weights(m: int, n: int, unbiased: bool, dtype: torch.dtype, device) -> Tensor:
     """(N, N) W with :math:`\\widehat{\\mathrm{MMD}}^2 = \\sum_{ij} W_{ij} k(z_i, z_j)` for the
     pooled z = [x; y]: 1 / (m (m - 1)) (or 1 / m^2) within x, the same with n within y, -1 / (mn)
     between them; 0 on the diagonal for the unbiased estimator. Built on ``device``."""
