@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 
@@ -140,3 +141,13 @@ def run_tasks(tasks: list[Task], jobs: int = 1, threads: int = 1) -> dict[tuple[
 def part_results(results: dict[tuple[str, str], Any], part: str) -> dict[str, Any]:
     """``{key: result}`` of one part (the seconds dropped)."""
     return {key: value[0] for (p, key), value in results.items() if p == part}
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int) -> None:
+    """Lay out a pyplot figure (``tight_layout``), write it to ``path`` at ``dpi`` and close it
+    (pyplot keeps a figure alive until it is closed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from lightning_losses.cli import packaged_config
-from lightning_losses.demo import Task, part_results, run_tasks
+from lightning_losses.demo import Task, part_results, run_tasks, save_figure
 
 #: The committed digits teacher (``lightning_losses/assets/digits_teacher``).
 TEACHER = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher"
@@ -136,9 +136,7 @@ def _save_grids(samples: dict[str, Any], path: Path) -> None:
         ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
 
 
 def _plot_histories(runs: dict[str, dict], teacher_fid: float, path: Path) -> None:
@@ -156,9 +154,7 @@ def _plot_histories(runs: dict[str, dict], teacher_fid: float, path: Path) -> No
     ax.set_xlabel("generator steps")
     ax.set_ylabel("digits-FID (2,000 EMA samples)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
 
 
 #: Each arm's expected seconds on one quiet core (the pool starts the longest first).

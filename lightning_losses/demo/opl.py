@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from lightning_losses.cli import packaged_config
-from lightning_losses.demo import Task, part_results, run_tasks
+from lightning_losses.demo import Task, part_results, run_tasks, save_figure
 from lightning_losses.demo.published import OPL, interval_cell
 
 CONFIG = packaged_config("opl/digits.yaml")
@@ -136,9 +136,7 @@ def _plot_geometry(runs: dict[str, dict], path: Path) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("test features (normalised, 2-D PCA), 40% label noise, seed 0")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def run(out_dir: Path, quick: bool = False, config: Path = CONFIG) -> str:
