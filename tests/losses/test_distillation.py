@@ -1,19 +1,22 @@
-"""DMD2 generator loss and the fake denoiser's EDM-weighted loss, against their formulas."""
+"""The DMD2 and Diff-Instruct generator losses and the fake denoiser's EDM-weighted loss,
+against their formulas."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
-from lightning_losses.losses import dmd_gradient, dmd_loss, fake_denoiser_loss
+from lightning_losses.losses import diff_instruct_loss, dmd_gradient, dmd_loss, fake_denoiser_loss
+
+#: The Diff-Instruct tests' batch: B = 3 (the loss is a sum over pixels divided by B).
+DI_SHAPE = (3, 2, 4, 5)
 
 
 def _batch(shape=(4, 2, 3, 3), seed=0, dtype=torch.float64):
+    """``x, denoised_real, denoised_fake``: uniform in [-1, 1), one generator in that order."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(shape, generator=g, dtype=dtype) * 2 - 1
-    real = torch.rand(shape, generator=g, dtype=dtype) * 2 - 1
-    fake = torch.rand(shape, generator=g, dtype=dtype) * 2 - 1
-    return x, real, fake
+    return tuple(torch.rand(shape, generator=g, dtype=dtype) * 2 - 1 for _ in range(3))
 
 
 def _g_by_hand(x, real, fake):
@@ -79,16 +82,90 @@ def test_dmd_loss_computes_in_at_least_float32():
     assert torch.allclose(inside, dmd_loss(x, real, fake).loss)
 
 
-def test_dmd_loss_rejects_bad_inputs():
+@pytest.mark.parametrize("loss", [dmd_loss, diff_instruct_loss], ids=["dmd", "diff_instruct"])
+def test_generator_losses_reject_bad_inputs(loss):
     x, real, fake = _batch()
     with pytest.raises(ValueError, match="denoised_real has shape"):
-        dmd_loss(x, real[:, :1], fake)
+        loss(x, real[:, :1], fake)
     with pytest.raises(ValueError, match="denoised_fake has shape"):
-        dmd_loss(x, real, fake[:2])
-    with pytest.raises(ValueError, match="x must be a batched tensor"):
-        dmd_loss(x[0, 0, 0], real[0, 0, 0], fake[0, 0, 0])
-    with pytest.raises(ValueError, match="floating-point"):
-        dmd_loss(x.long(), real, fake)
+        loss(x, real, fake[:2])
+    with pytest.raises(ValueError, match=r"x must be a batched tensor of shape \(B, ...\)"):
+        loss(x[0, 0, 0], real[0, 0, 0], fake[0, 0, 0])
+    with pytest.raises(ValueError, match=r"x must be a batched tensor of shape \(B, ...\)"):
+        loss(x[0, 0, 0, 0], real, fake)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        loss(x.long(), real, fake)
+    with pytest.raises(ValueError, match="at least one sample"):
+        loss(x[:0], real[:0], fake[:0])
+
+
+def _loss_by_hand(x: Tensor, real: Tensor, fake: Tensor) -> float:
+    """The reference value, one element at a time in Python floats."""
+    total = 0.0
+    for b, c, h, w in torch.cartesian_prod(*(torch.arange(n) for n in x.shape)).tolist():
+        total += (float(fake[b, c, h, w]) - float(real[b, c, h, w])) * float(x[b, c, h, w])
+    return total / x.shape[0]
+
+
+# ------------------------------------------------------------------------------------------
+# diff_instruct_loss
+
+
+def test_diff_instruct_loss_value_and_gradient_match_the_formula_in_float64():
+    x, real, fake = _batch(DI_SHAPE)
+    x.requires_grad_()
+    out = diff_instruct_loss(x, real, fake)
+    loss = out.loss
+    assert loss.dtype == torch.float64 and loss.ndim == 0
+    assert float(out.difference) == pytest.approx(float((fake - real).abs().mean()), rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(_loss_by_hand(x.detach(), real, fake), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.equal(grad, (fake - real) / x.shape[0])  # exactly, elementwise
+
+
+def test_diff_instruct_loss_gradient_reaches_x_only_and_does_not_depend_on_x():
+    x, real, fake = _batch(DI_SHAPE)
+    for t in (x, real, fake):
+        t.requires_grad_()
+    diff_instruct_loss(x, real, fake).loss.backward()
+    assert real.grad is None and fake.grad is None
+    # the gradient is the stop-gradient difference: the same for any other x
+    other = (3 * x.detach() + 1).requires_grad_()
+    diff_instruct_loss(other, real, fake).loss.backward()
+    assert torch.equal(other.grad, x.grad)
+
+
+def test_diff_instruct_loss_nan_and_inf_differences_contribute_zero():
+    x, real, fake = _batch(DI_SHAPE)
+    fake[0, 0, 0, 0] = float("nan")
+    real[1, 1, 2, 3] = float("inf")
+    fake[2, 0, 1, 1] = float("-inf")
+    x.requires_grad_()
+    loss = diff_instruct_loss(x, real, fake).loss
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    bad = torch.zeros_like(x, dtype=torch.bool)
+    bad[0, 0, 0, 0] = bad[1, 1, 2, 3] = bad[2, 0, 1, 1] = True
+    assert (x.grad[bad] == 0).all()
+    expected = torch.where(bad, torch.zeros_like(x), (fake - real) / x.shape[0])
+    assert torch.equal(x.grad, expected)
+    clean = torch.where(bad, torch.zeros_like(x), fake - real)
+    assert float(loss.detach()) == pytest.approx(float((clean * x.detach()).sum() / 3), rel=1e-12)
+
+
+def test_diff_instruct_loss_computes_in_float32_under_bf16_autocast():
+    x, real, fake = (t.float() for t in _batch(DI_SHAPE))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = diff_instruct_loss(x, real, fake).loss
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, diff_instruct_loss(x, real, fake).loss, rtol=0, atol=0)
+    xb = x.bfloat16().requires_grad_()
+    loss = diff_instruct_loss(xb, real.bfloat16(), fake.bfloat16()).loss
+    assert loss.dtype == torch.float32
+    expected = ((fake.bfloat16().float() - real.bfloat16().float()) * xb.float()).sum() / 3
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert xb.grad.dtype == torch.bfloat16
 
 
 def test_fake_denoiser_loss_matches_formula():
