@@ -37,6 +37,7 @@ from lightning_losses.datamodules import (
     default_view_transforms,
     restrict_logits,
 )
+from tests.fakes import quiet_trainer
 
 
 @pytest.fixture(scope="module")
@@ -633,16 +634,8 @@ def test_calibration_datamodule_runs_in_a_trainer():
     cal = CalibrationDataModule(
         DigitsDataModule(), shifts=["contrast"], severities=[1], batch_size=64
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        limit_test_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = quiet_trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=0, limit_test_batches=2
     )
     model = _Recorder()
     trainer.fit(model, datamodule=cal)

@@ -19,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from fakes import TinyMLP, ToyImages
+from fakes import TinyMLP, ToyImages, quiet_trainer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset, default_collate
 
@@ -40,12 +40,6 @@ from lightning_losses.nets import (
 
 REPO = Path(__file__).resolve().parents[2]
 CALIBRATION_CONFIGS = sorted((REPO / "configs" / "calibration").glob("*.yaml"))
-QUIET = {
-    "logger": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-}
 QUIET_ARGS = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 # The digits split of configs/opl/digits_ce.yaml and of the calibration configs.
 DIGITS = {"val_fraction": 0.35, "test_fraction": 0.2, "seed": 0}
@@ -78,16 +72,13 @@ class ScaledLogits(nn.Module):
         return self.factor * self.net(x)
 
 
-class LogitsOnly(L.LightningModule):
-    """A classification module whose validation / test steps return nothing."""
+class LogitsOnly(ScaledLogits, L.LightningModule):
+    """A classification module (the wrapped classifier's logits, unscaled: times 1.0 exactly)
+    whose validation / test steps return nothing."""
 
     def __init__(self, net: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.net = net
+        super().__init__(net, 1.0)
         self.num_classes = num_classes
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
     def validation_step(self, batch, batch_idx):
         return None
@@ -264,7 +255,7 @@ def test_classifier_stays_frozen_and_only_the_calibrator_moves(net, source):
     classifier_before = _state(module.classifier)  # BatchNorm running stats included
     calibrator_before = _state(module.calibrator)
     module.train()  # as a user (or another Lightning version) may do before fitting
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", **QUIET)
+    trainer = quiet_trainer(max_epochs=2)
     trainer.fit(module, data)
 
     for name, value in module.classifier.state_dict().items():
@@ -281,7 +272,7 @@ def test_cached_logits_equal_a_fresh_forward_of_the_calibration_split(net):
     reference = copy.deepcopy(net).eval()
     data = _data(shifts=None, view_transforms=None)  # the default torchvision views
     module = PostHocCalibration(CorrectnessAwareCalibrator(3), 10, classifier=net, loss="ca")
-    L.Trainer(max_epochs=1, accelerator="cpu", **QUIET).fit(module, data)
+    quiet_trainer(max_epochs=1).fit(module, data)
 
     val_x, val_y = data.datamodule.val_dataset.tensors
     for split, index in (("train", data.calibration_indices), ("val", data.heldout_indices)):
@@ -357,7 +348,7 @@ def test_temperature_scaling_matches_fit_temperature_and_fixes_overconfidence(ne
     data = _data(views=False, batch_size=4096, shifts=None)  # one full batch
     overconfident = ScaledLogits(net, 4.0)
     module = PostHocCalibration(TemperatureScaling(), 10, classifier=overconfident, loss="ce")
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(module, data)
     assert trainer.num_training_batches == 1
 
@@ -389,7 +380,7 @@ def test_ca_and_ce_calibrators_fit_and_test_every_set(net, loss):
     )
     module = PostHocCalibration(CorrectnessAwareCalibrator(3), 10, classifier=net, loss=loss)
     start = copy.deepcopy(module.calibrator)
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", **QUIET)
+    trainer = quiet_trainer(max_epochs=3)
     trainer.fit(module, data)
 
     # The objective went down on the calibration split.
@@ -418,7 +409,7 @@ def test_ca_and_ce_calibrators_fit_and_test_every_set(net, loss):
 def test_logged_metrics_equal_functional_metrics_on_whole_test_sets(net):
     data = _data(shifts=("contrast",), severities=(5,), ood={"first5": _first_five_digits()})
     module = PostHocCalibration(CorrectnessAwareCalibrator(3), 10, classifier=net, loss="ca")
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(module, data)
     trainer.test(module, data, verbose=False)
     logged = _floats(trainer.callback_metrics)
@@ -642,7 +633,7 @@ def test_fast_dev_run(net, calibrator, loss):
     data = _data(views=views, shifts=("rotation",), severities=(1,))
     module = PostHocCalibration(head, 10, classifier=net, loss=loss)
     start = _state(module.calibrator)
-    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", **QUIET)
+    trainer = quiet_trainer(fast_dev_run=True)
     trainer.fit(module, data)
     assert _changed(start, module.calibrator)
     trainer.test(module, data, verbose=False)
@@ -656,7 +647,7 @@ def test_bf16_mixed_fit_and_test_stay_finite(net):
     data = _data(shifts=("rotation",), severities=(3,))
     module = PostHocCalibration(CorrectnessAwareCalibrator(3), 10, classifier=net, loss="ca")
     start = _state(module.calibrator)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", precision="bf16-mixed", **QUIET)
+    trainer = quiet_trainer(max_epochs=2, precision="bf16-mixed")
     trainer.fit(module, data)
     trainer.test(module, data, verbose=False)
     logged = _floats(trainer.callback_metrics)
@@ -678,7 +669,7 @@ def test_calibration_callback_matches_functional_metrics(tmp_path):
     )
     data = ToyImages(num=60, num_classes=4, batch_size=16)  # 3 batches of 16 and one of 12
     callback = CalibrationCallback(dirpath=str(tmp_path / "opl"))
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[callback], **QUIET)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback], num_sanity_val_steps=2)
     trainer.fit(model, data)  # the sanity check's batches must not count
 
     with torch.no_grad():
@@ -700,7 +691,7 @@ def test_calibration_callback_matches_functional_metrics(tmp_path):
     # validation_step returns None: the callback calls the module on the batch itself.
     fallback = LogitsOnly(model, num_classes=4)
     callback = CalibrationCallback(dirpath=str(tmp_path / "plain"))
-    trainer = L.Trainer(accelerator="cpu", callbacks=[callback], **QUIET)
+    trainer = quiet_trainer(callbacks=[callback])
     trainer.validate(fallback, data, verbose=False)
     logged = _floats(trainer.callback_metrics)
     for key, value in expected.items():
@@ -713,14 +704,7 @@ def test_calibration_callback_matches_functional_metrics(tmp_path):
 
 
 def _ddp_trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        callbacks=[Watchdog()],
-        **QUIET,
-        **kwargs,
-    )
+    return quiet_trainer(devices=2, strategy="ddp_spawn", callbacks=[Watchdog()], **kwargs)
 
 
 def test_ddp_fit_and_test_match_one_process(net):
@@ -737,7 +721,7 @@ def test_ddp_fit_and_test_match_one_process(net):
     assert results[0]["test/id/ece"] == pytest.approx(ddp["test/id/ece"])
     assert results[1]["test/even/ece"] == pytest.approx(ddp["test/even/ece"])
 
-    single = L.Trainer(accelerator="cpu", devices=1, **QUIET)
+    single = quiet_trainer()
     single.test(module, data, verbose=False)
     one = _floats(single.callback_metrics)
     # 200 items split 100 / 100: the synced metrics are the one-process metrics.
@@ -774,7 +758,7 @@ def test_num_classes_that_does_not_match_the_classifier_fails_before_fitting(net
     data = _data(views=False, shifts=None)
     calibrator = TemperatureScaling()
     module = PostHocCalibration(calibrator, 7, classifier=net, loss="ce")
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+    trainer = quiet_trainer(max_epochs=1)
     with pytest.raises(ValueError, match=r"num_classes must match .* gives 10 logits"):
         trainer.fit(module, data)
     assert calibrator.scalar_temperature().item() == pytest.approx(1.5)  # nothing was fitted
@@ -804,7 +788,7 @@ def test_closed_form_calibrators_fit_at_setup_and_test(net, make):
     data = _data(views=False, shifts=None)
     calibrator = make()
     module = PostHocCalibration(calibrator, 10, classifier=ScaledLogits(net, 4.0), loss="ce")
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(module, data)
     cached = data.cached["train"]
     expected = make().fit(cached.logits, cached.labels)
@@ -817,7 +801,7 @@ def test_closed_form_calibrators_fit_at_setup_and_test(net, make):
 def test_a_classifier_that_outputs_probabilities_is_refused_at_fit(net):
     probabilities = nn.Sequential(net, nn.Softmax(dim=1))
     module = PostHocCalibration(TemperatureScaling(), 10, classifier=probabilities, loss="ce")
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+    trainer = quiet_trainer(max_epochs=1)
     with pytest.raises(ValueError, match="allow_probabilities=True"):
         trainer.fit(module, _data(views=False, shifts=None))
 
@@ -827,7 +811,7 @@ def test_split_weighting_takes_the_calibration_split_accuracy(net):
     module = PostHocCalibration(
         CorrectnessAwareCalibrator(3), 10, classifier=ScaledLogits(net, 4.0), weighting="split"
     )
-    L.Trainer(max_epochs=1, accelerator="cpu", **QUIET).fit(module, data)
+    quiet_trainer(max_epochs=1).fit(module, data)
     cached = data.cached["train"]
     accuracy = (cached.logits.argmax(1) == cached.labels).double().mean().item()
     assert module.split_accuracy == pytest.approx(accuracy, abs=1e-12)
@@ -857,7 +841,7 @@ def test_output_cache_gives_the_same_metrics_and_the_second_calibrator_reads_it(
         torch.manual_seed(0)
         module = PostHocCalibration(CorrectnessAwareCalibrator(3), 10,
                                     classifier=copy.deepcopy(net), loss=loss)  # fmt: skip
-        trainer = L.Trainer(max_epochs=1, accelerator="cpu", **QUIET)
+        trainer = quiet_trainer(max_epochs=1)
         dm = data(cache)
         trainer.fit(module, dm)
         trainer.test(module, dm, verbose=False)
