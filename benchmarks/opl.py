@@ -539,7 +539,7 @@ def main() -> None:
         help="only these sizes, e.g. --cases 8192x512 (with --no-write to keep the full table)",
     )
     parser.add_argument("--step-overhead", action="store_true", help="also part 2 (~3 min)")
-    parser.add_argument("--reps", type=int, default=7, help="timed rounds per case (7)")
+    parser.add_argument("--reps", type=int, default=15, help="timed rounds per case (15)")
     parser.add_argument(
         "--gram-budget", type=float, default=40.0, help="seconds of Gram calls per case (40)"
     )
