@@ -30,23 +30,25 @@ def quiet_trainer(**overrides: object) -> L.Trainer:
 
 
 class ToyImages(L.LightningDataModule):
-    """Random 1x8x8 'images' whose class shifts the mean: learnable, tiny, deterministic."""
+    """Random 1x8x8 'images' whose class shifts the mean: learnable, tiny, deterministic.
+
+    Labels ``arange(num) % num_classes``; the images are :meth:`make_images` of seeded N(0, 1)
+    noise, served in order (no shuffling).
+    """
+
+    image_shape = (1, 8, 8)
 
     def __init__(self, num: int = 64, num_classes: int = 4, batch_size: int = 16, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.labels = torch.arange(num) % num_classes
-        self.images = torch.randn(num, 1, 8, 8, generator=g) + self.labels.view(-1, 1, 1, 1)
+        self.num_classes = num_classes
+        self.images = self.make_images(torch.randn(num, 1, 8, 8, generator=g))
         self.batch_size = batch_size
-        self._num_classes = num_classes
 
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (1, 8, 8)
+    def make_images(self, noise: Tensor) -> Tensor:
+        """The images from the (num, 1, 8, 8) noise: here shifted by the label."""
+        return noise + self.labels.view(-1, 1, 1, 1)
 
     def _loader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size)

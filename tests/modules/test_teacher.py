@@ -9,10 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses.diffusion import EDMPrecond
 from lightning_losses.modules import DiffusionTeacher
+from tests.fakes import ToyImages
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "distillation" / "digits_teacher.yaml"
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
@@ -22,30 +22,15 @@ TINY = {"channels": (8, 16), "sample_size": 8}
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 
 
-class SymmetricImages(L.LightningDataModule):
+class SymmetricImages(ToyImages):
     """Tiny 1x8x8 images in (-1, 1) with class-dependent means; module level (picklable)."""
 
     def __init__(self, num: int = 32, num_classes: int = 4, batch_size: int = 8, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.arange(num) % num_classes
-        shift = self.labels.view(-1, 1, 1, 1) / num_classes - 0.5
-        self.images = torch.tanh(0.5 * torch.randn(num, 1, 8, 8, generator=g) + shift)
-        self.batch_size = batch_size
-        self._num_classes = num_classes
+        super().__init__(num, num_classes, batch_size, seed)
 
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    def _loader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader()
+    def make_images(self, noise: torch.Tensor) -> torch.Tensor:
+        shift = self.labels.view(-1, 1, 1, 1) / self.num_classes - 0.5
+        return torch.tanh(0.5 * noise + shift)
 
 
 def _teacher(**kwargs) -> DiffusionTeacher:
