@@ -134,10 +134,11 @@ class _ConvReLUMean(torch.autograd.Function):
     (B, P + 1). The patches are gathered as rows (B L, K + 1) and ``weight`` ends with the bias
     (one matrix product, no pass to add the bias). Backward, with the weight constant (a frozen
     bank): the gradient of patch row l of sample b is :math:`\\sum_c 1[out_{blc} > 0]\\, g_{bc}
-    W_{c\\cdot} / L`, one batched product of the activation's sign (taken in place: no new
-    B L x C tensor) with the per-sample weight :math:`g_b W / L`, scattered back to the padded
-    image (``index_add_``), instead of autograd's passes over the B L x C activations for the
-    mean's and the ReLU's backward and an ``unfold`` / ``fold`` pair.
+    W_{c\\cdot} / L`: the activation turned in place into its sign times :math:`g_{bc} / L` (no
+    new B L x C tensor), ONE matrix product with W over all rows, and a scatter-add back to the
+    padded image (``index_add_``), instead of autograd's passes over the B L x C activations for
+    the mean's and the ReLU's backward and an ``unfold`` / ``fold`` pair. A second backward of a
+    retained graph recomputes the activation from the saved input.
     """
 
     @staticmethod
@@ -145,24 +146,27 @@ class _ConvReLUMean(torch.autograd.Function):
         batch = flat.shape[0]
         rows = torch.index_select(flat, 1, index).view(batch * length, weight.shape[1])
         out = (rows @ weight.T).clamp_min_(0.0)  # (B L, C)
-        ctx.save_for_backward(weight, index)
-        # An intermediate, turned into its sign in place by the backward (sign is idempotent on
-        # values >= 0, so a second backward with retain_graph=True reads the same mask).
-        ctx.out = out
-        ctx.shape = (batch, length, flat.shape[1])
+        ctx.save_for_backward(flat, weight, index)
+        ctx.out = out  # consumed (overwritten) by the first backward
+        ctx.length = length
         return out.view(batch, length, weight.shape[0]).mean(dim=1)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        weight, index = ctx.saved_tensors
+        flat, weight, index = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        batch, length, size = ctx.shape
-        per_sample = (grad / length)[:, :, None] * weight[None]  # (B, C, K + 1)
-        mask = ctx.out.sign_().view(batch, length, weight.shape[0])  # in place: no new B L C
-        rows = torch.bmm(mask, per_sample)  # (B, L, K + 1)
-        flat = torch.zeros(batch, size, dtype=rows.dtype, device=rows.device)
-        return flat.index_add_(1, index, rows.view(batch, index.shape[0])), None, None, None
+        batch, length, channels = flat.shape[0], ctx.length, weight.shape[0]
+        out, ctx.out = ctx.out, None
+        if out is None:  # a second backward (retain_graph=True): the same activation again
+            rows = torch.index_select(flat, 1, index).view(batch * length, weight.shape[1])
+            out = (rows @ weight.T).clamp_min_(0.0)
+        scaled = out.view(batch, length, channels).sign_().mul_((grad / length)[:, None, :])
+        # (K + 1, C) @ (C, B L): the long dimension last, where the product is fastest
+        rows = torch.mm(weight.T, scaled.view(batch * length, channels).T)
+        grad_flat = torch.zeros_like(flat)
+        grad_rows = rows.T.reshape(batch, index.shape[0])
+        return grad_flat.index_add_(1, index, grad_rows), None, None, None
 
 
 def _relu_mean_of_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -186,6 +190,61 @@ def _relu_mean_of_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     flat = torch.cat([padded, torch.ones(batch, 1, dtype=x.dtype, device=x.device)], dim=1)
     weight = torch.cat([conv.weight.flatten(1), conv.bias[:, None]], dim=1).to(x.dtype)
     return _ConvReLUMean.apply(flat, weight, index, length)
+
+
+class _ImageConv(torch.autograd.Function):
+    """A frozen convolution of the input image, with its input gradient as a matrix product.
+
+    The forward is ``F.conv2d``; the backward, for the few input channels of an image, is
+    :math:`\\partial x_{p} = \\sum_{l, k : \\mathrm{patch}(l, k) = p} \\sum_c g_{c l}
+    W_{c k}`: one batched product of the weight with the output gradient and a scatter-add of
+    the patches (:func:`_patch_index`), where the CPU convolution's backward to a 1-channel
+    input is several times slower. The weight and bias are constants (a frozen bank).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, conv: nn.Conv2d) -> Tensor:
+        out = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+        ctx.conv = conv
+        ctx.input_shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        conv = ctx.conv
+        batch, channels, height, width = ctx.input_shape
+        (p_h, p_w) = conv.padding
+        index, length = _patch_index(channels, height, width, conv, grad.device)
+        taps = index.shape[0] // length  # C k_h k_w + 1 (the last: the bias' input, dropped)
+        weight = conv.weight.flatten(1).to(grad.dtype)  # (C_out, C k_h k_w)
+        weight = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], dim=1)
+        # (K + 1, C_out) @ (B, C_out, L) -> (B, K + 1, L), read in the index's (L, K + 1) order
+        rows = torch.matmul(weight.T, grad.reshape(batch, grad.shape[1], length))
+        padded_h, padded_w = height + 2 * p_h, width + 2 * p_w
+        flat = grad.new_zeros(batch, channels * padded_h * padded_w + 1)
+        flat.index_add_(1, index, rows.transpose(1, 2).reshape(batch, length * taps))
+        padded = flat[:, :-1].view(batch, channels, padded_h, padded_w)
+        return padded[:, :, p_h : p_h + height, p_w : p_w + width], None
+
+
+def _image_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x)`` for a network's first convolution: :class:`_ImageConv` when the weights are
+    frozen, the input needs its gradient and has at most 4 channels; else the plain layer."""
+    if (
+        x.requires_grad
+        and torch.is_grad_enabled()
+        and x.shape[1] <= 4
+        and not conv.weight.requires_grad
+        and (conv.bias is None or not conv.bias.requires_grad)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and x.dtype == conv.weight.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        return _ImageConv.apply(x, conv)
+    return conv(x)
 
 
 #: Window-mean matrices of :func:`_window_means`, per (H, W, conv geometry, dtype, device).
@@ -256,7 +315,7 @@ class _ConvNet(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         features = []
         for i, conv in enumerate(self.convs):
-            x = F.relu(conv(x))
+            x = F.relu(_image_conv(x, conv) if i == 0 else conv(x))
             features.append(x.mean(dim=(2, 3)))
             if i + 1 < len(self.convs):  # the last stage's pooled map would be unused
                 x = F.avg_pool2d(x, 2)
@@ -304,7 +363,7 @@ class _ResNet(nn.Module):
         self.feature_dims = [width, 2 * width, 4 * width]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.stem(x)
+        x = _image_conv(x, self.stem)
         features = []
         for block in self.blocks[:-1]:
             x = block(x)
