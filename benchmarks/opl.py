@@ -623,7 +623,9 @@ def main() -> None:
         "128 KiB (freed buffers go back to the system); after a warm-up call, the growth of the "
         "kernel's peak-RSS mark over one call (VmHWM after minus VmRSS before, VmHWM reset "
         f"first; method: {', '.join(methods) or 'none'}), smallest of 3 calls. The inputs are "
-        "not counted, the B x D gradient is (1.0 x B·D·4 bytes). Not measured for the Gram "
+        "not counted, the B x D gradient is (1.0 x B·D·4 bytes); the closed form's work buffer "
+        "(one per thread, at most 1 MiB, kept between calls) is made in the warm-up call and "
+        "so is not either. Not measured for the Gram "
         "form (O(B²): 4.6 GiB at B = 16384 in the earlier run).",
     ]
     if args.step_overhead:

@@ -32,6 +32,8 @@ update). The normalised features are never stored. A backward
 with ``create_graph=True`` (double backward: gradient penalties, meta-learning) recomputes the
 sums through autograd instead, so second derivatives are exact too. Memory: the
 gradient (B x D) and C x D class sums; bf16 / fp16 inputs add one float32 copy during each pass.
+On the CPU the passes share one work buffer per thread and dtype, kept between calls (at most
+``CHUNK_ELEMENTS`` elements: 1 MiB in float32; see :func:`work_buffer`).
 
 On the CPU an element-wise kernel here runs at about the same bandwidth whether its chunk
 fits the L2 cache or not (measured from 32 KiB to 2 MiB per buffer), while each kernel call
@@ -44,6 +46,8 @@ gradient (no fault), while a fresh mapping faults on every page.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import Tensor
@@ -64,6 +68,28 @@ def chunk_rows(features: Tensor) -> int:
     return max(1, min(batch, CHUNK_ELEMENTS // max(dim, 1)))
 
 
+_SCRATCH = threading.local()  # per thread: dtype -> the CPU work buffer of the two passes
+
+
+def work_buffer(f: Tensor, rows: int) -> Tensor:
+    """A (rows, D) buffer of ``f``'s dtype and device for one pass; its contents are garbage.
+
+    On the CPU one flat buffer per thread and dtype (at most ``CHUNK_ELEMENTS`` elements,
+    1 MiB in float32) is kept and reused across calls: a fresh one of the size of a small
+    batch is freed beside the gradient each call, and glibc then returns both to the system
+    and faults them in again on the next call. Elsewhere the device's caching allocator reuses
+    memory by itself.
+    """
+    dim = f.shape[1]
+    if f.device.type != "cpu" or rows * dim > CHUNK_ELEMENTS:
+        return f.new_empty(rows, dim)
+    cache = _SCRATCH.__dict__
+    flat = cache.get(f.dtype)
+    if flat is None or flat.numel() < rows * dim:
+        flat = cache[f.dtype] = torch.empty(CHUNK_ELEMENTS, dtype=f.dtype)
+    return flat[: rows * dim].view(rows, dim)
+
+
 def norms_and_class_sums(f: Tensor, inverse: Tensor, num: int) -> tuple[Tensor, Tensor]:
     """Row norms (B,) and class sums of the normalised rows ``S`` (C, D) in one pass over ``f``.
 
@@ -76,7 +102,7 @@ def norms_and_class_sums(f: Tensor, inverse: Tensor, num: int) -> tuple[Tensor, 
     rows = chunk_rows(f)
     norms = f.new_empty(batch)
     class_sums = f.new_zeros(num, dim)
-    buffer = f.new_empty(rows, dim)
+    buffer = work_buffer(f, rows)
     for part, norm, index in zip(f.split(rows), norms.split(rows), inverse.split(rows)):
         scaled = buffer[: part.shape[0]]
         torch.linalg.vector_norm(part, dim=1, out=norm)
@@ -97,7 +123,7 @@ def gradient(
     same = dtype == f.dtype
     grad = torch.empty((batch, dim), dtype=f.dtype if same else dtype, device=f.device)
     work = grad if same else f.new_empty(rows, dim)
-    buffer = f.new_empty(rows, dim)
+    buffer = work_buffer(f, rows)
     dots = f.new_empty(batch, 1)
     chunks = zip(
         f.split(rows),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import Tensor
@@ -293,6 +295,42 @@ def test_norms_and_class_sums_any_chunk(chunk, monkeypatch):
     want = torch.stack([z[labels == c].sum(0) for c in labels.unique()])
     torch.testing.assert_close(norms, x.norm(dim=1), rtol=0, atol=1e-14)
     torch.testing.assert_close(sums, want, rtol=0, atol=1e-13)
+
+
+def test_work_buffer_is_reused_per_thread_and_dtype():
+    f = torch.randn(10, 8)
+    first, again = _opl_function.work_buffer(f, 10), _opl_function.work_buffer(f, 4)
+    assert first.shape == (10, 8) and again.shape == (4, 8) and first.dtype == f.dtype
+    assert again.data_ptr() == first.data_ptr()  # one flat buffer, reused
+    double = _opl_function.work_buffer(f.double(), 10)
+    assert double.dtype == torch.float64 and double.data_ptr() != first.data_ptr()
+    # More than CHUNK_ELEMENTS: a fresh buffer, nothing kept.
+    big = torch.empty(1, _opl_function.CHUNK_ELEMENTS + 1)
+    assert _opl_function.work_buffer(big, 1).data_ptr() != first.data_ptr()
+    # Another thread has its own buffer, and losses computed in threads at once are right.
+    other = []
+    thread = threading.Thread(target=lambda: other.append(_opl_function.work_buffer(f, 10)))
+    thread.start()
+    thread.join()
+    assert other[0].data_ptr() != first.data_ptr()
+    g = torch.Generator().manual_seed(8)
+    batches = [
+        (torch.randn(50, 7, generator=g), torch.randint(0, 5, (50,), generator=g)) for _ in range(4)
+    ]
+    want = [orthogonal_projection_loss(x, y).loss for x, y in batches]
+    got = [None] * len(batches)
+
+    def run(i):
+        for _ in range(20):
+            got[i] = orthogonal_projection_loss(*batches[i]).loss
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for value, expected in zip(got, want):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 40])
