@@ -75,9 +75,13 @@ class TinyMLP(nn.Module):
         return self.net(x)
 
 
-def tiny_edm_teacher(num_classes: int | None = None, channels: int = 1) -> nn.Module:
-    """A seeded random ``EDMPrecond`` around an 8x8 UNet (channels 8, 16), in eval mode."""
+def tiny_edm_teacher(
+    num_classes: int | None = None, channels: int = 1, **precond: float
+) -> nn.Module:
+    """A seeded random ``EDMPrecond`` around an 8x8 UNet (channels 8, 16), in eval mode;
+    ``precond``: its ``sigma_min``, ``sigma_max``, ``sigma_data``."""
     from lightning_losses.diffusion import EDMPrecond, unet_for_images
 
     torch.manual_seed(0)
-    return EDMPrecond(unet_for_images(channels, 8, (8, 16), num_classes=num_classes)).eval()
+    unet = unet_for_images(channels, 8, (8, 16), num_classes=num_classes)
+    return EDMPrecond(unet, **precond).eval()

@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses.datamodules import CIFAR10DataModule
 from lightning_losses.diffusion import (
@@ -25,6 +24,7 @@ from lightning_losses.modules import DMDDistillation
 from lightning_losses.modules.distillation import load_teacher
 from lightning_losses.modules.teacher import DiffusionTeacher
 from tests.fakes import QUIET
+from tests.modules.distillation_helpers import TinyImages
 
 diffusers = pytest.importorskip("diffusers")
 from lightning_losses.diffusion.pipelines import (  # noqa: E402 (needs diffusers)
@@ -90,20 +90,6 @@ def reload(model: DMDDistillation, root: Path, use_ema: bool = True) -> OneStepP
     written = model.save_pretrained(root, use_ema=use_ema)
     assert written == root and (root / "model_index.json").is_file()
     return OneStepPipeline.from_pretrained(root)
-
-
-class TinyImages(L.LightningDataModule):
-    """16 random 1x8x8 images in (-1, 1) with labels."""
-
-    def __init__(self, batch_size: int = 8) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.tanh(torch.randn(16, 1, 8, 8, generator=g))
-        self.labels = torch.arange(16) % 4
-        self.batch_size = batch_size
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size)
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,7 +225,7 @@ def test_ddpm_teacher_folder_trains_with_dmd_exports_and_reloads(tmp_path):
     assert same_state(state(model.teacher.unet), state(teacher_unet))
     assert model.generator_sigma == pytest.approx(157.4, abs=0.05)  # the table's top: t = 999
     trainer = L.Trainer(**QUIET, max_steps=6, max_epochs=10)  # 3 steps, 2 optimizer steps each
-    trainer.fit(model, TinyImages())
+    trainer.fit(model, TinyImages(num=16))
     assert (int(model.fake_steps), int(model.generator_steps)) == (3, 3)
     assert not same_state(state(model.generator.unet), state(teacher_unet))
     assert not same_state(state(model.generator_ema.unet), state(model.generator.unet))

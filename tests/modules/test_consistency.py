@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,12 +11,10 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from lightning_losses.cli import main
 from lightning_losses.diffusion import (
     ConsistencyPrecond,
     Denoiser,
     DiffusersEpsDenoiser,
-    EDMPrecond,
     consistency_sampler,
     consistency_scalings,
     consistency_timestep,
@@ -32,24 +29,11 @@ from lightning_losses.losses import (
     pseudo_huber_c,
 )
 from lightning_losses.modules import ConsistencyDistillation
-from tests.fakes import QUIET
-from tests.modules.distillation_helpers import (
-    Recorder,
-    SameWeightsDifferentNoise,
-    TinyImages,
-    assert_float32_finite,
-    assert_same,
-    changed,
-    fit,
-    state,
-)
+from tests.fakes import tiny_edm_teacher as tiny_teacher
+from tests.modules import distillation_helpers as dh
 
-REPO = Path(__file__).resolve().parents[2]
-DIGITS_CONFIGS = [
-    REPO / "configs/distillation/digits_cm.yaml",
-    REPO / "configs/distillation/digits_cm_el.yaml",
-]
-CIFAR_CONFIG = REPO / "configs/distillation/cifar10_cm_el.yaml"
+DIGITS_CONFIGS = [dh.CONFIGS / "digits_cm.yaml", dh.CONFIGS / "digits_cm_el.yaml"]
+CIFAR_CONFIG = dh.CONFIGS / "cifar10_cm_el.yaml"
 
 
 class FixedX0(Denoiser):
@@ -63,16 +47,14 @@ class FixedX0(Denoiser):
         return self.x0.to(x.dtype).expand_as(x)
 
 
-class RealImages(TinyImages):
+class RealImages(dh.TinyImages):
     """Sharper images (tanh of 2 N(0, 1)), 16 of them in batches of 8 by default."""
 
     def __init__(self, num: int = 16, batch_size: int = 8, labels_only: bool = False) -> None:
-        super().__init__(num, batch_size, labels_only=labels_only, sharpness=2.0)
+        super().__init__(num, batch_size, labels_only)
 
-
-def tiny_teacher(num_classes: int | None = None) -> EDMPrecond:
-    torch.manual_seed(0)
-    return EDMPrecond(unet_for_images(1, 8, (8, 16), num_classes=num_classes)).eval()
+    def make_images(self, noise: Tensor) -> Tensor:
+        return torch.tanh(2.0 * noise)
 
 
 def cd(teacher: Denoiser | None = None, **kwargs) -> ConsistencyDistillation:
@@ -284,7 +266,7 @@ def test_student_starts_as_a_copy_of_the_teacher_unet_and_bad_arguments_raise():
     teacher = tiny_teacher()
     model = cd(teacher, target_decay=0.9)
     assert isinstance(model.generator, ConsistencyPrecond) and not hasattr(model, "fake_denoiser")
-    assert_same(state(model.generator.unet), state(teacher.unet))
+    dh.assert_same(dh.state(model.generator.unet), dh.state(teacher.unet))
     teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
     for network in (model.generator, model.target, model.generator_ema):
         assert not any(p.data_ptr() in teacher_ptrs for p in network.parameters())
@@ -315,20 +297,14 @@ def test_student_starts_as_a_copy_of_the_teacher_unet_and_bad_arguments_raise():
 
 
 def test_teacher_path_is_loaded_and_kept_as_a_hyperparameter(tmp_path):
-    teacher = tiny_teacher()
-    teacher.unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    config = {
-        "_class_name": "EDMPrecond",
-        "sigma_data": 0.5,
-        "sigma_min": 0.002,
-        "sigma_max": 80.0,
-        "class_conditional": False,
-        "num_classes": None,
-    }
+    teacher = dh.export_tiny_teacher(tmp_path)
+    # only the keys edm_config.json must hold: the image shape comes from the UNet's config
+    config = json.loads((tmp_path / "edm_config.json").read_text())
+    del config["in_channels"], config["sample_size"]
     (tmp_path / "edm_config.json").write_text(json.dumps(config))
     model = ConsistencyDistillation(teacher_path=str(tmp_path))
-    assert_same(state(model.teacher), state(teacher))
-    assert_same(state(model.generator.unet), state(teacher.unet))
+    dh.assert_same(dh.state(model.teacher), dh.state(teacher))
+    dh.assert_same(dh.state(model.generator.unet), dh.state(teacher.unet))
     assert model.hparams.teacher_path == str(tmp_path)
     assert model.hparams.num_scales == 18
 
@@ -341,19 +317,14 @@ def test_target_and_sampling_ema_after_k_updates_equal_their_closed_forms():
     L.seed_everything(0)
     mu, beta, k = 0.6, 0.3, 3
     model = cd(target_decay=mu, ema_decay=beta)
-    teacher_before = state(model.teacher)
-    recorder = Recorder()
-    fit(model, RealImages(num=8 * k), callbacks=[recorder])
-    thetas = [recorder.start] + recorder.after
-    assert len(thetas) == k + 1 and changed(thetas[-1], thetas[0])
+    teacher_before = dh.state(model.teacher)
+    recorder = dh.Recorder()
+    dh.fit(model, RealImages(num=8 * k), callbacks=[recorder])
+    assert len(recorder.after) == k and dh.changed(recorder.after[-1], recorder.start)
     assert int(model.generator_steps) == k and model.step_counters() == (0, k)
-    assert_same(state(model.teacher), teacher_before)
-    for network, decay in ((model.target, mu), (model.generator_ema, beta)):
-        for name, value in state(network).items():
-            expected = decay**k * thetas[0][name].double()
-            for j in range(1, k + 1):
-                expected += (1 - decay) * decay ** (k - j) * thetas[j][name].double()
-            torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    dh.assert_same(dh.state(model.teacher), teacher_before)
+    dh.assert_ema_of_the_recorded_weights(model.target, recorder, mu)
+    dh.assert_ema_of_the_recorded_weights(model.generator_ema, recorder, beta)
 
 
 def _counting(function, calls: list[int]):
@@ -365,20 +336,19 @@ def _counting(function, calls: list[int]):
 
 
 def test_el_changes_only_the_generator_objective(monkeypatch):
-    runs = {}
-    for weight in (0.0, 2.0):
-        L.seed_everything(0)
+    calls: dict[float, list[int]] = {0.0: [], 2.0: []}
+
+    def counted(weight: float) -> ConsistencyDistillation:
         model = cd(el_weight=weight, target_decay=0.5)
-        calls: list[int] = []
-        monkeypatch.setattr(model, "generate", _counting(model.generate, calls))
-        recorder = Recorder()
-        fit(model, RealImages(num=16), callbacks=[recorder])  # two steps
-        runs[weight] = (model, recorder.metrics, len(calls))
-    (off, off_logs, off_calls), (on, on_logs, on_calls) = runs[0.0], runs[2.0]
+        monkeypatch.setattr(model, "generate", _counting(model.generate, calls[weight]))
+        return model
+
+    (off, off_run), (on, on_run) = dh.fit_el_off_and_on(counted, 2.0, RealImages(num=16))
+    assert len(off_run.metrics) == len(on_run.metrics) == 2  # two steps
     # the one-step forward f(sigma_max z) only happens with EL
-    assert (off_calls, on_calls) == (0, 2)
+    assert (len(calls[0.0]), len(calls[2.0])) == (0, 2)
     assert off.embedding_loss is None and isinstance(on.embedding_loss, EmbeddingLoss)
-    first_off, first_on = off_logs[0], on_logs[0]
+    first_off, first_on = off_run.metrics[0], on_run.metrics[0]
     # the same consistency pairs and student: the same base loss at the first step
     assert first_on["train/loss_base"] == first_off["train/loss_base"]
     assert first_off["train/loss_generator"] == first_off["train/loss_base"]
@@ -390,14 +360,14 @@ def test_el_changes_only_the_generator_objective(monkeypatch):
     ratio = 2.0 * first_on["train/grad_norm_el"] / first_on["train/grad_norm_base"]
     assert first_on["train/grad_norm_ratio_el"] == pytest.approx(ratio, rel=1e-5)
     assert first_on["train/grad_norm_base"] == pytest.approx(first_off["train/grad_norm_base"])
-    assert changed(state(on.generator), state(off.generator))
+    assert dh.changed(dh.state(on.generator), dh.state(off.generator))
 
 
 def test_missing_real_images_raise():
     with pytest.raises(ValueError, match="noisy REAL images"):
-        fit(cd(), RealImages(labels_only=True), fast_dev_run=1)
+        dh.fit(cd(), RealImages(labels_only=True), fast_dev_run=1)
     with pytest.raises(ValueError, match="need REAL images"):
-        fit(cd(el_weight=1.0), RealImages(labels_only=True), fast_dev_run=1)
+        dh.fit(cd(el_weight=1.0), RealImages(labels_only=True), fast_dev_run=1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -412,7 +382,7 @@ def test_fast_dev_run_class_conditional_uses_the_real_labels(monkeypatch):
     seen = []
     original = model.consistency_pair
     monkeypatch.setattr(model, "consistency_pair", lambda r, y: seen.append(y) or original(r, y))
-    fit(model, RealImages(), fast_dev_run=True)
+    dh.fit(model, RealImages(), fast_dev_run=True)
     assert int(model.generator_steps) == 1
     torch.testing.assert_close(seen[0], torch.arange(8) % 4)
     samples = model.sample(5, class_labels=torch.tensor([0, 1, 2, 3, 0]))
@@ -426,39 +396,37 @@ def test_a_ddpm_teacher_gives_its_unet_and_clamps_its_own_levels():
     teacher = DiffusersEpsDenoiser(unet_for_images(1, 8, (8, 16)), DDPMScheduler()).eval()
     assert teacher.sigma_min > 0.002  # the Karras table reaches below the teacher's range
     model = ConsistencyDistillation(teacher=teacher, ema_decay=None)
-    assert_same(state(model.generator.unet), state(teacher.unet))
+    dh.assert_same(dh.state(model.generator.unet), dh.state(teacher.unet))
     assert model.sigma_data == model.generator.sigma_data == 0.5
     assert model.generator_sigma == model.generator.sigma_max == 80.0
-    before = state(model.generator)
-    fit(model, RealImages(), fast_dev_run=True)
-    assert int(model.generator_steps) == 1 and changed(state(model.generator), before)
+    before = dh.state(model.generator)
+    dh.fit(model, RealImages(), fast_dev_run=True)
+    assert int(model.generator_steps) == 1 and dh.changed(dh.state(model.generator), before)
     assert torch.isfinite(model.sample(2)).all()
 
 
 def test_bf16_mixed_steps_stay_finite():
     L.seed_everything(0)
     model = cd(el_weight=0.5, target_decay=0.9, grad_clip=1.0, distance="pseudo_huber")
-    recorder = Recorder()
-    fit(model, RealImages(num=24), precision="bf16-mixed", callbacks=[recorder])
+    recorder = dh.Recorder()
+    dh.fit(model, RealImages(num=24), precision="bf16-mixed", callbacks=[recorder])
     assert int(model.generator_steps) == 3
     for key, value in recorder.metrics[-1].items():
         assert math.isfinite(value), key
-    assert_float32_finite(model.generator, model.target, model.generator_ema)
+    dh.assert_float32_finite(model.generator, model.target, model.generator_ema)
 
 
 def test_ddp_spawn_two_processes_cpu():
     L.seed_everything(0)
     model = cd(el_weight=0.5, target_decay=0.9)
-    before = state(model.generator)
-    trainer = L.Trainer(
-        **{**QUIET, "devices": 2},
-        strategy="ddp_spawn",
-        max_epochs=1,
-        callbacks=[SameWeightsDifferentNoise(("generator", "target"), pair_noise=True)],
+    trainer = dh.fit_ddp(  # 2 steps on each rank
+        model,
+        RealImages(num=16, batch_size=4),
+        "ddp_spawn",
+        networks=("generator", "target"),
+        pair_noise=True,
     )
-    trainer.fit(model, RealImages(num=16, batch_size=4))  # 2 steps on each rank
     assert int(model.generator_steps) == 2
-    assert changed(state(model.generator), before)
     assert math.isfinite(float(trainer.callback_metrics["train/loss_base"]))
 
 
@@ -502,9 +470,9 @@ def test_export_round_trip_reproduces_the_module_samples(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     L.seed_everything(0)
     model = cd(ema_decay=0.5, num_scales=10)
-    fit(model, RealImages(num=16))
+    dh.fit(model, RealImages(num=16))
     loud(model.generator_ema, 5.0)  # samples leave [-1, 1]: the clipping must match too
-    assert changed(state(model.generator_ema), state(model.generator))
+    assert dh.changed(dh.state(model.generator_ema), dh.state(model.generator))
     raw = model.generate(torch.randn(4, 1, 8, 8), None, model.generator_ema)
     assert raw.abs().max() > 1.2
     model.save_pretrained(tmp_path / "export")  # use_ema=True
@@ -541,11 +509,13 @@ def test_export_round_trip_reproduces_the_module_samples(tmp_path, monkeypatch):
     mine = model.sample_multistep(3, levels, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(images * 2 - 1, mine, rtol=0, atol=1e-5)
     # reloaded as a ConsistencyPrecond: the EMA weights (use_ema=False: the trained ones)
-    assert_same(
-        state(ConsistencyPrecond.from_pretrained(tmp_path / "export")), state(model.generator_ema)
+    dh.assert_same(
+        dh.state(ConsistencyPrecond.from_pretrained(tmp_path / "export")),
+        dh.state(model.generator_ema),
     )
-    assert_same(
-        state(ConsistencyPrecond.from_pretrained(tmp_path / "trained")), state(model.generator)
+    dh.assert_same(
+        dh.state(ConsistencyPrecond.from_pretrained(tmp_path / "trained")),
+        dh.state(model.generator),
     )
 
 
@@ -582,68 +552,27 @@ def test_class_conditional_export_with_given_labels(tmp_path):
 # Configs
 
 
-def export_tiny_teacher(root: Path) -> None:
-    teacher = tiny_teacher()
-    teacher.unet.save_pretrained(root / "unet", safe_serialization=True)
-    config = {
-        "_class_name": "EDMPrecond",
-        "sigma_data": 0.5,
-        "sigma_min": 0.002,
-        "sigma_max": 80.0,
-        "class_conditional": False,
-        "num_classes": None,
-    }
-    (root / "edm_config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("config", DIGITS_CONFIGS, ids=lambda p: p.name)
 def test_digits_configs_instantiate_with_a_tiny_teacher(config, tmp_path):
-    export_tiny_teacher(tmp_path / "export")
-    args = ["--config", str(config), f"--model.init_args.teacher_path={tmp_path / 'export'}"]
-    args += ["--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}"]
-    cli = main(args=args, run=False)
-    model = cli.model
-    assert isinstance(model, ConsistencyDistillation)
+    model = dh.instantiate_digits_config(config, tmp_path, ConsistencyDistillation).model
     assert model.num_scales == 18 and model.sigma_table.numel() == 18
-    assert cli.datamodule.normalize == "symmetric" and cli.datamodule.image_size == 8
     assert isinstance(model.configure_optimizers(), torch.optim.RAdam)
-    if config.name.endswith("_el.yaml"):
-        assert model.el_weight > 0 and model.embedding_loss is not None
-    else:
-        assert model.el_weight == 0 and model.embedding_loss is None
 
 
 def test_digits_el_config_fits_through_the_cli_and_reloads(tmp_path):
-    export_tiny_teacher(tmp_path / "export")
-    main(
-        args=[
-            "fit",
-            "--config",
-            str(DIGITS_CONFIGS[1]),
-            f"--model.init_args.teacher_path={tmp_path / 'export'}",
-            "--data.init_args.batch_size=32",
-            "--trainer.max_steps=2",
-            "--trainer.accelerator=cpu",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
+    model = dh.fit_config_and_reload(
+        DIGITS_CONFIGS[1],
+        tmp_path,
+        ConsistencyDistillation,
+        "--data.init_args.batch_size=32",
+        "--trainer.max_steps=2",
     )
-    model = ConsistencyDistillation.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     assert int(model.generator_steps) == 2 and model.el_weight > 0
     assert model.distance == "pseudo_huber"
 
 
 def test_the_two_digits_configs_differ_only_in_el_weight():
-    plain, with_el = (yaml.safe_load(p.read_text()) for p in DIGITS_CONFIGS)
-    assert plain["data"] == with_el["data"]
-    assert plain["model"]["init_args"].pop("el_weight") == 0.0
-    assert with_el["model"]["init_args"].pop("el_weight") > 0
-    assert plain["model"] == with_el["model"]
-    assert plain["model"]["init_args"]["teacher_path"] == "lightning_losses/assets/digits_teacher"
-    assert plain["trainer"]["max_steps"] == with_el["trainer"]["max_steps"]
+    dh.assert_configs_differ_only_in_el_weight([p.name for p in DIGITS_CONFIGS])
 
 
 def test_cifar10_config_holds_the_paper_settings():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -16,36 +15,16 @@ import yaml
 from lightning_losses.cli import main
 from lightning_losses.datamodules import CIFAR10DataModule
 from lightning_losses.diffusion import DiffusersEpsDenoiser, EDMPrecond, unet_for_images
-from lightning_losses.losses import EmbeddingLoss
-from lightning_losses.modules import DiffInstructDistillation, DiffusionTeacher
-from tests.fakes import QUIET
-from tests.modules.distillation_helpers import (
-    Recorder,
-    SameWeightsDifferentNoise,
-    TinyImages,
-    assert_float32_finite,
-    assert_same,
-    changed,
-    fit,
-    state,
-)
+from lightning_losses.modules import DiffInstructDistillation
+from tests.fakes import tiny_edm_teacher as tiny_teacher
+from tests.modules import distillation_helpers as dh
 
-REPO = Path(__file__).resolve().parents[2]
-DIGITS_CONFIGS = [
-    REPO / "configs/distillation/digits_di.yaml",
-    REPO / "configs/distillation/digits_di_el.yaml",
-]
-CIFAR_CONFIG = REPO / "configs/distillation/cifar10_di_el.yaml"
+DIGITS_CONFIGS = [dh.CONFIGS / "digits_di.yaml", dh.CONFIGS / "digits_di_el.yaml"]
+CIFAR_CONFIG = dh.CONFIGS / "cifar10_di_el.yaml"
 
 
 # ------------------------------------------------------------------------------------------
 # Fixtures (module level: DDP pickles them)
-
-
-def tiny_teacher(sigma_min: float = 0.002, sigma_max: float = 80.0) -> EDMPrecond:
-    torch.manual_seed(0)
-    unet = unet_for_images(1, 8, (8, 16))
-    return EDMPrecond(unet, sigma_min=sigma_min, sigma_max=sigma_max).eval()
 
 
 def di(teacher: EDMPrecond | None = None, **kwargs) -> DiffInstructDistillation:
@@ -153,20 +132,20 @@ def test_generator_loss_matches_the_formula_on_the_module_noise():
 def test_one_to_one_schedule_moves_every_network_every_step():
     L.seed_everything(0)
     model = di(ema_decay=0.9)
-    teacher_before, fake_before = state(model.teacher), state(model.fake_denoiser)
-    ema_before = state(model.generator_ema)
-    recorder = Recorder()
-    trainer = fit(model, TinyImages(num=40), callbacks=[recorder])  # 5 training steps
+    teacher_before, fake_before = dh.state(model.teacher), dh.state(model.fake_denoiser)
+    ema_before = dh.state(model.generator_ema)
+    recorder = dh.Recorder()
+    trainer = dh.fit(model, dh.TinyImages(num=40), callbacks=[recorder])  # 5 training steps
     assert recorder.counters == [(n, n) for n in range(1, 6)]
     assert (int(model.fake_steps), int(model.generator_steps)) == (5, 5)
     assert trainer.global_step == 10  # Lightning counts both optimizers' steps
     # the generator is updated before the fake denoiser: at the first step the fake denoiser is
     # still the teacher, the Diff-Instruct gradient is exactly 0 and Adam leaves it in place
-    moved = [changed(a, b) for a, b in zip(recorder.after, [recorder.start] + recorder.after)]
+    moved = [dh.changed(a, b) for a, b in zip(recorder.after, [recorder.start] + recorder.after)]
     assert moved == [False, True, True, True, True]
-    assert changed(state(model.fake_denoiser), fake_before)
-    assert changed(state(model.generator_ema), ema_before)
-    assert_same(state(model.teacher), teacher_before)
+    assert dh.changed(dh.state(model.fake_denoiser), fake_before)
+    assert dh.changed(dh.state(model.generator_ema), ema_before)
+    dh.assert_same(dh.state(model.teacher), teacher_before)
     logs = recorder.metrics[-1]
     for key in ("train/loss_fake", "train/loss_generator", "train/loss_base"):
         assert math.isfinite(logs[key]), key
@@ -196,28 +175,16 @@ def test_el_changes_only_the_generator_objective():
     torch.testing.assert_close(grad_on - grad_off, 2.5 * grad_el)
 
     # a training step from the same state: the fake denoiser's update is the same
-    runs = {}
-    for weight in (0.0, 2.0):
-        L.seed_everything(0)
-        model = di(el_weight=weight)
-        recorder = Recorder()
-        fit(model, TinyImages(num=8), callbacks=[recorder])  # one step: generator, then fake
-        runs[weight] = (model, recorder.metrics[-1])
-    (m_off, logs_off), (m_on, logs_on) = runs[0.0], runs[2.0]
-    assert isinstance(m_on.embedding_loss, EmbeddingLoss) and m_off.embedding_loss is None
-    assert logs_on["train/loss_fake"] == logs_off["train/loss_fake"]
-    assert_same(state(m_on.fake_denoiser), state(m_off.fake_denoiser))
-    assert logs_on["train/loss_base"] == logs_off["train/loss_base"]
-    assert logs_on["train/loss_generator"] - logs_off["train/loss_generator"] == pytest.approx(
-        2.0 * logs_on["train/loss_el"], rel=1e-5
+    runs = dh.fit_el_off_and_on(  # one step each: generator, then fake
+        lambda weight: di(el_weight=weight), 2.0, dh.TinyImages(num=8)
     )
-    assert changed(state(m_on.generator), state(m_off.generator))
+    dh.assert_el_changes_only_the_generator_objective(runs, 2.0)
 
 
 def test_fast_dev_run():
     L.seed_everything(0)
     model = di(el_weight=0.5)
-    fit(model, TinyImages(num=16), fast_dev_run=True)
+    dh.fit(model, dh.TinyImages(num=16), fast_dev_run=True)
     assert (int(model.fake_steps), int(model.generator_steps)) == (1, 1)
     samples = model.sample(5)
     assert samples.shape == (5, 1, 8, 8) and torch.isfinite(samples).all()
@@ -226,8 +193,8 @@ def test_fast_dev_run():
 def test_bf16_mixed_steps_stay_finite():
     L.seed_everything(0)
     model = di(el_weight=0.5, log_grad_norm_every=1)
-    recorder = Recorder()
-    fit(model, TinyImages(num=24), precision="bf16-mixed", callbacks=[recorder])
+    recorder = dh.Recorder()
+    dh.fit(model, dh.TinyImages(num=24), precision="bf16-mixed", callbacks=[recorder])
     assert (int(model.fake_steps), int(model.generator_steps)) == (3, 3)
     for logs in recorder.metrics:
         for key, value in logs.items():
@@ -236,23 +203,15 @@ def test_bf16_mixed_steps_stay_finite():
                 assert math.isnan(value)
                 continue
             assert math.isfinite(value), key
-    assert_float32_finite(model.generator, model.fake_denoiser, model.generator_ema)
+    dh.assert_float32_finite(model.generator, model.fake_denoiser, model.generator_ema)
 
 
 def test_ddp_spawn_two_processes_cpu():
     L.seed_everything(0)
     # The automatic EL weight reduces its gradient norms over the ranks (one weight for all).
     model = di(el_weight=0.5, el_weight_mode="auto")
-    before = state(model.generator)
-    trainer = L.Trainer(
-        **{**QUIET, "devices": 2},
-        strategy="ddp_spawn_find_unused_parameters_true",
-        max_epochs=1,
-        callbacks=[SameWeightsDifferentNoise()],
-    )
-    trainer.fit(model, TinyImages(num=24, batch_size=4))  # 3 steps on each rank
+    trainer = dh.fit_ddp(model, dh.TinyImages(num=24, batch_size=4))  # 3 steps on each rank
     assert (int(model.fake_steps), int(model.generator_steps)) == (3, 3)
-    assert changed(state(model.generator), before)
     assert math.isfinite(float(trainer.callback_metrics["train/loss_fake"]))
 
 
@@ -260,77 +219,36 @@ def test_ddp_spawn_two_processes_cpu():
 # Configs
 
 
-def export_tiny_teacher(root: Path, channels: int = 1, size: int = 8) -> Path:
-    """A tiny EDM teacher in the layout of the digits configs' ``teacher_path``."""
-    torch.manual_seed(0)
-    teacher = DiffusionTeacher(in_channels=channels, sample_size=size, channels=(8, 16))
-    return teacher.save_pretrained(root)
-
-
-def _cli_args(config: Path, teacher: Path, tmp_path: Path) -> list[str]:
-    return [
-        "--config",
-        str(config),
-        f"--model.init_args.teacher_path={teacher}",
-        "--trainer.accelerator=cpu",
-        f"--trainer.default_root_dir={tmp_path}",
-    ]
-
-
 @pytest.mark.parametrize("config", DIGITS_CONFIGS, ids=lambda p: p.name)
 def test_digits_configs_instantiate_with_a_tiny_teacher(config, tmp_path):
-    teacher = export_tiny_teacher(tmp_path / "export")
-    cli = main(args=_cli_args(config, teacher, tmp_path), run=False)
+    cli = dh.instantiate_digits_config(config, tmp_path, DiffInstructDistillation)
     model = cli.model
-    assert isinstance(model, DiffInstructDistillation)
     assert model.fake_updates_per_generator == 1
     assert (model.p_mean, model.p_std) == (-1.2, 1.2)
     generator_opt, fake_opt = model.configure_optimizers()
     for opt in (generator_opt, fake_opt):
         assert type(opt) is torch.optim.Adam and opt.defaults["betas"] == (0.0, 0.999)
-    assert cli.datamodule.normalize == "symmetric" and cli.datamodule.image_size == 8
     # 1:1 updates: max_steps counts two optimizer steps per training (= generator) step
     assert cli.trainer.max_steps % 2 == 0
-    if config.name.endswith("_el.yaml"):
-        assert model.el_weight > 0 and model.embedding_loss is not None
-    else:
-        assert model.el_weight == 0 and model.embedding_loss is None
 
 
 def test_the_two_digits_configs_differ_only_in_el_weight_and_run_names():
-    plain, with_el = (yaml.safe_load(p.read_text()) for p in DIGITS_CONFIGS)
-    assert plain["data"] == with_el["data"]
-    assert plain["model"]["init_args"].pop("el_weight") == 0.0
-    assert with_el["model"]["init_args"].pop("el_weight") > 0
-    assert plain["model"] == with_el["model"]
-    assert plain["model"]["init_args"]["teacher_path"] == "lightning_losses/assets/digits_teacher"
-    for key in ("max_steps", "precision", "accelerator", "devices"):
-        assert plain["trainer"].get(key) == with_el["trainer"].get(key)
+    plain, _ = dh.assert_configs_differ_only_in_el_weight([p.name for p in DIGITS_CONFIGS])
     # as many generator steps as the DMD digits config (1200 = 1000 fake + 200 generator)
-    dmd = yaml.safe_load((REPO / "configs/distillation/digits_dmd.yaml").read_text())
+    dmd = yaml.safe_load((dh.CONFIGS / "digits_dmd.yaml").read_text())
     k = dmd["model"]["init_args"]["fake_updates_per_generator"]  # k fake + 1 generator steps
     dmd_generator_steps = dmd["trainer"]["max_steps"] // (k + 1)
     assert plain["trainer"]["max_steps"] // 2 == dmd_generator_steps
 
 
 def test_el_config_fits_through_the_cli_and_reloads(tmp_path):
-    teacher = export_tiny_teacher(tmp_path / "export")
-    main(
-        args=[
-            "fit",
-            *_cli_args(DIGITS_CONFIGS[1], teacher, tmp_path),
-            "--data.init_args.batch_size=32",
-            "--trainer.max_steps=4",  # 2 training steps, 2 optimizer steps each
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-        ]
+    model = dh.fit_config_and_reload(
+        DIGITS_CONFIGS[1],
+        tmp_path,
+        DiffInstructDistillation,
+        "--data.init_args.batch_size=32",
+        "--trainer.max_steps=4",  # 2 training steps, 2 optimizer steps each
     )
-    path = tmp_path / "ckpt" / "last.ckpt"
-    model = DiffInstructDistillation.load_from_checkpoint(path)
-    saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    assert_same(state(model), saved)
     assert (int(model.fake_steps), int(model.generator_steps)) == (2, 2)
     assert model.el_weight > 0 and (model.p_mean, model.p_std) == (-1.2, 1.2)
 
@@ -386,7 +304,7 @@ def test_cifar10_config_instantiates_with_a_tiny_ddpm_teacher(tmp_path):
     if not HAS_NORMALIZE:  # until CIFAR10DataModule has the option
         del config["data"]["init_args"]["normalize"]
     (tmp_path / "cifar.yaml").write_text(yaml.safe_dump(config))
-    args = _cli_args(tmp_path / "cifar.yaml", tmp_path / "ddpm", tmp_path)
+    args = dh.cli_args(tmp_path / "cifar.yaml", tmp_path / "ddpm", tmp_path)
     args += [f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.init_args.root={tmp_path}"]
     cli = main(args=args, run=False)
     model = cli.model

@@ -4,44 +4,23 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import yaml
 
-from lightning_losses.cli import main
 from lightning_losses.diffusion import EDMPrecond, karras_sigmas, unet_for_images
-from lightning_losses.losses import EmbeddingLoss
 from lightning_losses.modules import DMDDistillation, OneStepDistillation
 from lightning_losses.modules.distillation import (
     TEACHER_COMMAND,
     GeneratorObjective,
     load_teacher,
 )
-from tests.fakes import QUIET
-from tests.modules.distillation_helpers import (
-    Recorder,
-    SameWeightsDifferentNoise,
-    TinyImages,
-    assert_float32_finite,
-    assert_same,
-    changed,
-    fit,
-    state,
-)
+from tests.fakes import quiet_trainer
+from tests.fakes import tiny_edm_teacher as tiny_teacher
+from tests.modules import distillation_helpers as dh
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = [
-    REPO / "configs/distillation/digits_dmd.yaml",
-    REPO / "configs/distillation/digits_dmd_el.yaml",
-]
-
-
-def tiny_teacher(num_classes: int | None = None, channels: int = 1) -> EDMPrecond:
-    torch.manual_seed(0)
-    return EDMPrecond(unet_for_images(channels, 8, (8, 16), num_classes=num_classes)).eval()
+CONFIGS = [dh.CONFIGS / "digits_dmd.yaml", dh.CONFIGS / "digits_dmd_el.yaml"]
 
 
 def dmd(teacher: EDMPrecond | None = None, **kwargs) -> DMDDistillation:
@@ -55,9 +34,9 @@ def dmd(teacher: EDMPrecond | None = None, **kwargs) -> DMDDistillation:
 def test_generator_and_fake_start_as_frozen_teacher_copies():
     teacher = tiny_teacher()
     model = dmd(teacher, el_weight=0.0)
-    reference = state(teacher)
+    reference = dh.state(teacher)
     for network in (model.generator, model.fake_denoiser, model.generator_ema):
-        assert_same(state(network), reference)
+        dh.assert_same(dh.state(network), reference)
         assert all(
             p.data_ptr() not in {q.data_ptr() for q in teacher.parameters()}
             for p in network.parameters()
@@ -114,28 +93,28 @@ def test_missing_teacher_folder_names_the_teacher_command(tmp_path):
 def test_teacher_never_changes_and_the_students_do():
     L.seed_everything(0)
     model = dmd(fake_updates_per_generator=1, el_weight=0.5, ema_decay=0.9)
-    teacher_before, fake_before = state(model.teacher), state(model.fake_denoiser)
-    generator_before, ema_before = state(model.generator), state(model.generator_ema)
-    fit(model, TinyImages(num=24), max_steps=6)  # 3 training steps, each 2 optimizer steps
-    assert_same(state(model.teacher), teacher_before)
+    teacher_before, fake_before = dh.state(model.teacher), dh.state(model.fake_denoiser)
+    generator_before, ema_before = dh.state(model.generator), dh.state(model.generator_ema)
+    dh.fit(model, dh.TinyImages(num=24), max_steps=6)  # 3 training steps, each 2 optimizer steps
+    dh.assert_same(dh.state(model.teacher), teacher_before)
     assert all(p.grad is None for p in model.teacher.parameters())
     assert not model.teacher.training
-    assert changed(state(model.generator), generator_before)
-    assert changed(state(model.fake_denoiser), fake_before)
-    assert changed(state(model.generator_ema), ema_before)
+    assert dh.changed(dh.state(model.generator), generator_before)
+    assert dh.changed(dh.state(model.fake_denoiser), fake_before)
+    assert dh.changed(dh.state(model.generator_ema), ema_before)
 
 
 def test_step_counters_follow_the_two_time_scale_schedule():
     L.seed_everything(0)
     model = dmd(fake_updates_per_generator=3)
-    recorder = Recorder()
-    trainer = fit(model, TinyImages(num=56), callbacks=[recorder])  # 7 training steps
+    recorder = dh.Recorder()
+    trainer = dh.fit(model, dh.TinyImages(num=56), callbacks=[recorder])  # 7 training steps
     # training step t updates the generator iff (t + 1) % 3 == 0: t = 2 and 5
     assert recorder.counters == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 2), (7, 2)]
     assert (int(model.fake_steps), int(model.generator_steps)) == (7, 2)
     assert trainer.global_step == 9  # Lightning counts both optimizers' steps
     # the generator moves only on its own steps
-    moved = [changed(a, b) for a, b in zip(recorder.after, [recorder.start] + recorder.after)]
+    moved = [dh.changed(a, b) for a, b in zip(recorder.after, [recorder.start] + recorder.after)]
     assert moved == [False, False, True, False, False, True, False]
 
 
@@ -143,16 +122,10 @@ def test_ema_after_k_updates_equals_the_closed_form():
     L.seed_everything(0)
     decay, k = 0.6, 3
     model = dmd(fake_updates_per_generator=1, ema_decay=decay, el_weight=1.0)
-    recorder = Recorder()
-    fit(model, TinyImages(num=8 * k), callbacks=[recorder])
-    thetas = [recorder.start] + recorder.after
-    assert len(thetas) == k + 1 and changed(thetas[-1], thetas[0])
-    ema = state(model.generator_ema)
-    for name, value in ema.items():
-        expected = decay**k * thetas[0][name].double()
-        for j in range(1, k + 1):
-            expected += (1 - decay) * decay ** (k - j) * thetas[j][name].double()
-        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    recorder = dh.Recorder()
+    dh.fit(model, dh.TinyImages(num=8 * k), callbacks=[recorder])
+    assert len(recorder.after) == k and dh.changed(recorder.after[-1], recorder.start)
+    dh.assert_ema_of_the_recorded_weights(model.generator_ema, recorder, decay)
     # sample() uses the EMA, or the trained generator with use_ema=False
     g = torch.Generator().manual_seed(1)
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -166,26 +139,12 @@ def test_ema_after_k_updates_equals_the_closed_form():
 
 
 def test_el_changes_only_the_generator_objective():
-    runs = {}
-    for weight in (0.0, 2.0):
-        L.seed_everything(0)
-        model = dmd(fake_updates_per_generator=1, el_weight=weight)
-        recorder = Recorder()
-        fit(model, TinyImages(num=8), callbacks=[recorder])  # one step: generator, then fake
-        runs[weight] = (model, recorder.metrics[-1])
-    (off, off_logs), (on, on_logs) = runs[0.0], runs[2.0]
-    assert off.embedding_loss is None and "train/loss_el" not in off_logs
-    assert isinstance(on.embedding_loss, EmbeddingLoss)
-    # the fake denoiser saw the same samples and noise: same loss, same weights
-    assert on_logs["train/loss_fake"] == off_logs["train/loss_fake"]
-    assert_same(state(on.fake_denoiser), state(off.fake_denoiser))
-    # the generator objective is the same base loss plus el_weight * EL
-    assert on_logs["train/loss_base"] == off_logs["train/loss_base"]
-    assert on_logs["train/loss_el"] > 0
-    expected = on_logs["train/loss_base"] + 2.0 * on_logs["train/loss_el"]
-    assert on_logs["train/loss_generator"] == pytest.approx(expected, rel=1e-6)
-    assert off_logs["train/loss_generator"] == off_logs["train/loss_base"]
-    assert changed(state(on.generator), state(off.generator))
+    runs = dh.fit_el_off_and_on(  # one step each: generator, then fake
+        lambda weight: dmd(fake_updates_per_generator=1, el_weight=weight),
+        2.0,
+        dh.TinyImages(num=8),
+    )
+    dh.assert_el_changes_only_the_generator_objective(runs, 2.0)
 
 
 def test_auto_el_weight_holds_the_gradient_ratio():
@@ -214,8 +173,8 @@ def test_auto_el_weight_holds_the_gradient_ratio():
 def test_auto_el_weight_in_training_logs_the_held_ratio():
     L.seed_everything(0)
     model = dmd(fake_updates_per_generator=2, el_weight=0.5, el_weight_mode="auto")
-    recorder = Recorder()
-    fit(model, TinyImages(num=48), callbacks=[recorder])  # 3 generator steps
+    recorder = dh.Recorder()
+    dh.fit(model, dh.TinyImages(num=48), callbacks=[recorder])  # 3 generator steps
     ratios = [m["train/grad_norm_ratio_el"] for m in recorder.metrics if "train/weight_el" in m]
     assert ratios and all(r == pytest.approx(0.5, rel=1e-4) for r in ratios)
     with pytest.raises(ValueError, match="el_weight_mode"):
@@ -233,8 +192,8 @@ def test_output_gradient_norms_are_logged_every_n_generator_steps(monkeypatch):
         return original(x, objective)
 
     monkeypatch.setattr(model, "output_grad_norms", spy)
-    recorder = Recorder()
-    fit(model, TinyImages(num=40), callbacks=[recorder])  # 5 generator steps
+    recorder = dh.Recorder()
+    dh.fit(model, dh.TinyImages(num=40), callbacks=[recorder])  # 5 generator steps
     assert calls == [0, 2, 4]
     logs = recorder.metrics[-1]
     for key in ("train/grad_norm_base", "train/grad_norm_el", "train/grad_norm_ratio_el"):
@@ -282,21 +241,24 @@ def test_dmd_loss_matches_the_formula_on_the_module_noise():
 
 def test_missing_real_batch_with_el_raises_and_without_el_runs():
     L.seed_everything(0)
-    labels_only = TinyImages(num=16, labels_only=True)
+    labels_only = dh.TinyImages(num=16, labels_only=True)
     with pytest.raises(ValueError, match="need REAL images"):
-        fit(dmd(el_weight=1.0), labels_only, fast_dev_run=1)
+        dh.fit(dmd(el_weight=1.0), labels_only, fast_dev_run=1)
     model = dmd(el_weight=0.0, fake_updates_per_generator=1)
-    fit(model, labels_only, fast_dev_run=1)  # the batch gives only the sample count
+    dh.fit(model, labels_only, fast_dev_run=1)  # the batch gives only the sample count
     assert (int(model.fake_steps), int(model.generator_steps)) == (1, 1)
 
 
 def test_real_data_outside_minus_one_one_or_of_wrong_shape_raises():
+    loud, colour = dh.TinyImages(num=16), dh.TinyImages(num=16)
+    loud.images = 3.0 * loud.images  # beyond [-1, 1]
+    colour.images = colour.images.repeat(1, 3, 1, 1)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        fit(dmd(el_weight=1.0), TinyImages(num=16, scale=3.0), fast_dev_run=1)
+        dh.fit(dmd(el_weight=1.0), loud, fast_dev_run=1)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):  # also without EL: the data is wrong
-        fit(dmd(el_weight=0.0), TinyImages(num=16, scale=3.0), fast_dev_run=1)
+        dh.fit(dmd(el_weight=0.0), loud, fast_dev_run=1)
     with pytest.raises(ValueError, match="3 channels but the teacher takes 1"):
-        fit(dmd(el_weight=1.0), TinyImages(num=16, channels=3), fast_dev_run=1)
+        dh.fit(dmd(el_weight=1.0), colour, fast_dev_run=1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -313,7 +275,7 @@ def test_fast_dev_run_class_conditional():
         el_weight=0.1,
         fake_updates_per_generator=1,
     )
-    fit(model, TinyImages(num=16), fast_dev_run=True)
+    dh.fit(model, dh.TinyImages(num=16), fast_dev_run=True)
     assert (int(model.fake_steps), int(model.generator_steps)) == (1, 1)
     samples = model.sample(5, class_labels=torch.tensor([0, 1, 2, 3, 0]))
     assert samples.shape == (5, 1, 8, 8) and torch.isfinite(samples).all()
@@ -325,8 +287,8 @@ def test_fast_dev_run_class_conditional():
 def test_bf16_mixed_steps_stay_finite():
     L.seed_everything(0)
     model = dmd(fake_updates_per_generator=1, el_weight=0.5, grad_clip=1.0, fake_grad_clip=1.0)
-    recorder = Recorder()
-    fit(model, TinyImages(num=24), precision="bf16-mixed", callbacks=[recorder])
+    recorder = dh.Recorder()
+    dh.fit(model, dh.TinyImages(num=24), precision="bf16-mixed", callbacks=[recorder])
     assert int(model.generator_steps) == 3
     metrics = dict(recorder.metrics[-1])
     # Logged at generator step 0, where the fake denoiser is still the teacher: the DMD
@@ -335,40 +297,32 @@ def test_bf16_mixed_steps_stay_finite():
     assert math.isnan(metrics.pop("train/grad_norm_ratio_el"))
     for key, value in metrics.items():
         assert math.isfinite(value), key
-    assert_float32_finite(model.generator, model.fake_denoiser, model.generator_ema)
+    dh.assert_float32_finite(model.generator, model.fake_denoiser, model.generator_ema)
 
 
 def test_ddp_spawn_two_processes_cpu():
     L.seed_everything(0)
     model = dmd(fake_updates_per_generator=2, el_weight=0.5)
-    before = state(model.generator)
-    trainer = L.Trainer(
-        **{**QUIET, "devices": 2},
-        strategy="ddp_spawn_find_unused_parameters_true",
-        max_epochs=1,
-        callbacks=[SameWeightsDifferentNoise()],
-    )
-    trainer.fit(model, TinyImages(num=32, batch_size=4))  # 4 steps on each rank
+    trainer = dh.fit_ddp(model, dh.TinyImages(num=32, batch_size=4))  # 4 steps on each rank
     assert (int(model.fake_steps), int(model.generator_steps)) == (4, 2)
-    assert changed(state(model.generator), before)
     assert math.isfinite(float(trainer.callback_metrics["train/loss_fake"]))
 
 
 def test_checkpoint_resume_restores_counters_and_ema(tmp_path):
     L.seed_everything(0)
     model = dmd(fake_updates_per_generator=2, ema_decay=0.7)
-    trainer = fit(model, TinyImages(num=32))
+    trainer = dh.fit(model, dh.TinyImages(num=32))
     path = tmp_path / "run.ckpt"
     trainer.save_checkpoint(path)
-    saved_ema = state(model.generator_ema)
+    saved_ema = dh.state(model.generator_ema)
     assert (int(model.fake_steps), int(model.generator_steps)) == (4, 2)
 
     resumed = dmd(fake_updates_per_generator=2, ema_decay=0.7)
-    recorder = Recorder()
-    trainer = L.Trainer(**{**QUIET, "max_epochs": 2}, callbacks=[recorder])
-    trainer.fit(resumed, TinyImages(num=32), ckpt_path=path)
+    recorder = dh.Recorder()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[recorder])
+    trainer.fit(resumed, dh.TinyImages(num=32), ckpt_path=path)
     assert recorder.counters_at_start == (4, 2)
-    assert_same(recorder.ema_at_start, saved_ema)
+    dh.assert_same(recorder.ema_at_start, saved_ema)
     assert recorder.counters[0] == (5, 2) and recorder.counters[1] == (6, 3)
     assert (int(resumed.fake_steps), int(resumed.generator_steps)) == (8, 4)
     assert trainer.global_step == 12
@@ -378,11 +332,11 @@ def test_checkpoint_resume_restores_counters_and_ema(tmp_path):
 # Loading the teacher, configs
 
 
-def export_tiny_teacher(root: Path) -> EDMPrecond:
-    """The folder layout of ``DiffusionTeacher.save_pretrained``: unet/ + edm_config.json."""
-    teacher = tiny_teacher()
-    teacher.unet.save_pretrained(root / "unet", safe_serialization=True)
-    config = {
+def test_teacher_path_loads_the_exported_teacher(tmp_path):
+    teacher = dh.export_tiny_teacher(tmp_path / "export")
+    # the layout the configs' teacher_path holds: unet/ + this edm_config.json
+    assert (tmp_path / "export" / "unet" / "config.json").is_file()
+    assert json.loads((tmp_path / "export" / "edm_config.json").read_text()) == {
         "_class_name": "EDMPrecond",
         "sigma_data": 0.5,
         "sigma_min": 0.002,
@@ -392,71 +346,35 @@ def export_tiny_teacher(root: Path) -> EDMPrecond:
         "in_channels": 1,
         "sample_size": 8,
     }
-    (root / "edm_config.json").write_text(json.dumps(config))
-    return teacher
-
-
-def test_teacher_path_loads_the_exported_teacher(tmp_path):
-    teacher = export_tiny_teacher(tmp_path / "export")
     loaded = load_teacher(tmp_path / "export")
-    assert_same(state(loaded), state(teacher))
+    dh.assert_same(dh.state(loaded), dh.state(teacher))
     model = DMDDistillation(teacher_path=str(tmp_path / "export"))
-    assert_same(state(model.generator), state(teacher))
+    dh.assert_same(dh.state(model.generator), dh.state(teacher))
     assert model.hparams.teacher_path == str(tmp_path / "export")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_configs_instantiate_with_a_tiny_teacher(config, tmp_path):
-    export_tiny_teacher(tmp_path / "export")
-    args = ["--config", str(config), f"--model.init_args.teacher_path={tmp_path / 'export'}"]
-    args += ["--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}"]
-    cli = main(args=args, run=False)
-    assert isinstance(cli.model, DMDDistillation)
+    cli = dh.instantiate_digits_config(config, tmp_path, DMDDistillation)
     assert cli.model.fake_updates_per_generator == 5
-    assert cli.datamodule.normalize == "symmetric" and cli.datamodule.image_size == 8
-    if config.name.endswith("_el.yaml"):
-        assert cli.model.el_weight > 0 and cli.model.embedding_loss is not None
-    else:
-        assert cli.model.el_weight == 0 and cli.model.embedding_loss is None
 
 
 def test_el_config_fits_through_the_cli_and_reloads_without_arguments(tmp_path):
-    export_tiny_teacher(tmp_path / "export")
-    main(
-        args=[
-            "fit",
-            "--config",
-            str(CONFIGS[1]),
-            f"--model.init_args.teacher_path={tmp_path / 'export'}",
-            "--model.init_args.fake_updates_per_generator=1",
-            "--data.init_args.batch_size=32",
-            "--trainer.max_steps=4",  # 2 training steps, 2 optimizer steps each
-            "--trainer.accelerator=cpu",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
+    model = dh.fit_config_and_reload(
+        CONFIGS[1],
+        tmp_path,
+        DMDDistillation,
+        "--model.init_args.fake_updates_per_generator=1",
+        "--data.init_args.batch_size=32",
+        "--trainer.max_steps=4",  # 2 training steps, 2 optimizer steps each
     )
-    path = tmp_path / "ckpt" / "last.ckpt"
-    model = DMDDistillation.load_from_checkpoint(path)  # teacher and optimizers from the config
-    saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    assert_same(state(model), saved)
     assert (int(model.fake_steps), int(model.generator_steps)) == (2, 2)
     assert model.el_weight > 0 and model.embedding_loss is not None
     assert isinstance(model.configure_optimizers()[0], torch.optim.AdamW)
 
 
 def test_the_two_configs_differ_only_in_el_weight():
-    plain, with_el = (yaml.safe_load(p.read_text()) for p in CONFIGS)
-    assert plain["data"] == with_el["data"]
-    assert plain["model"]["init_args"].pop("el_weight") == 0.0
-    assert with_el["model"]["init_args"].pop("el_weight") > 0
-    assert plain["model"] == with_el["model"]
-    assert plain["model"]["init_args"]["teacher_path"] == "lightning_losses/assets/digits_teacher"
-    for section in ("max_steps", "precision"):
-        assert plain["trainer"].get(section) == with_el["trainer"].get(section)
+    dh.assert_configs_differ_only_in_el_weight([p.name for p in CONFIGS])
 
 
 class ShrinkToZero(OneStepDistillation):
@@ -471,8 +389,8 @@ def test_base_class_hooks_for_a_framework_without_fake_denoiser():
     model = ShrinkToZero(teacher=tiny_teacher(), el_weight=0.5)
     assert not hasattr(model, "fake_denoiser")
     assert isinstance(model.configure_optimizers(), torch.optim.AdamW)  # one optimizer
-    recorder = Recorder()
-    trainer = fit(model, TinyImages(num=24), callbacks=[recorder])
+    recorder = dh.Recorder()
+    trainer = dh.fit(model, dh.TinyImages(num=24), callbacks=[recorder])
     # without a fake denoiser every training step is a generator step
     assert recorder.counters == [(0, 1), (0, 2), (0, 3)] and trainer.global_step == 3
     logs = recorder.metrics[-1]

@@ -24,7 +24,7 @@ from lightning_losses.modules import (
 )
 from tests.fakes import quiet_trainer
 from tests.fakes import tiny_edm_teacher as tiny_teacher
-from tests.modules.distillation_helpers import TinyImages
+from tests.modules import distillation_helpers as dh
 
 
 def real_batch(n: int = 4) -> Tensor:
@@ -105,7 +105,7 @@ def test_gan_fast_dev_run_and_bf16(cls):
         )
         head = [p.detach().clone() for p in model.supplementary("gan").head.parameters()]
         trainer = quiet_trainer(fast_dev_run=2, precision=precision)
-        trainer.fit(model, TinyImages(num=16, batch_size=4))
+        trainer.fit(model, dh.TinyImages(num=16, batch_size=4))
         after = list(model.supplementary("gan").head.parameters())
         assert any(not torch.equal(a, b) for a, b in zip(head, after))  # the head trained
         for name in ("train/loss_gan", "train/gan_d_loss", "train/loss_fake"):
@@ -121,7 +121,7 @@ def test_gan_class_conditional_and_consistency_errors():
         fake_updates_per_generator=1,
         supplementary_losses=[GANSupplement(weight=0.1)],
     )
-    quiet_trainer(fast_dev_run=1).fit(model, TinyImages(num=16, batch_size=4))
+    quiet_trainer(fast_dev_run=1).fit(model, dh.TinyImages(num=16, batch_size=4))
     with pytest.raises(ValueError, match="fake denoiser.*not with\\s+ConsistencyDistillation"):
         ConsistencyDistillation(teacher=tiny_teacher(), supplementary_losses=[GANSupplement()])
     with pytest.raises(ValueError, match="names no sub-module"):
@@ -137,7 +137,7 @@ def test_gan_ddp_spawn_two_processes():
     trainer = quiet_trainer(
         devices=2, strategy="ddp_spawn_find_unused_parameters_true", max_epochs=1
     )
-    trainer.fit(model, TinyImages(num=16, batch_size=4))  # 2 steps on each rank
+    trainer.fit(model, dh.TinyImages(num=16, batch_size=4))  # 2 steps on each rank
     assert int(model.generator_steps) == 2
     assert math.isfinite(float(trainer.callback_metrics["train/gan_d_loss"]))
 
@@ -151,16 +151,24 @@ def pairs_file(tmp_path, teacher: EDMPrecond, count: int = 8):
     return save_teacher_pairs(pairs, tmp_path / "pairs.safetensors"), pairs
 
 
-def test_regression_term_on_teacher_pairs_measured_at_its_own_output(tmp_path):
+def regression_dmd(
+    tmp_path, weight: float, weight_mode: str = "fixed", **kwargs
+) -> DMDDistillation:
+    """DMD (1:1 updates) with the regression term on 8 pairs of its tiny teacher, in batches of
+    4; seeded after the pairs are made."""
     teacher = tiny_teacher()
-    path, pairs = pairs_file(tmp_path, teacher)
+    path, _ = pairs_file(tmp_path, teacher)
     L.seed_everything(0)
-    model = DMDDistillation(
+    return DMDDistillation(
         teacher=teacher,
         fake_updates_per_generator=1,
-        log_grad_norm_every=1,
-        supplementary_losses=[RegressionSupplement(path, weight=0.25, batch_size=4)],
+        supplementary_losses=[RegressionSupplement(path, weight, weight_mode, batch_size=4)],
+        **kwargs,
     )
+
+
+def test_regression_term_on_teacher_pairs_measured_at_its_own_output(tmp_path):
+    model = regression_dmd(tmp_path, 0.25, log_grad_norm_every=1)
     model.seed_noise(0)
     logs = model.train_step((real_batch(), torch.zeros(4, dtype=torch.long)))
     # the generator starts as the teacher's copy: G(z) is one teacher step, not its ODE sample
@@ -173,7 +181,7 @@ def test_regression_term_on_teacher_pairs_measured_at_its_own_output(tmp_path):
     loss, generated = term(None, None, module=model)
     assert generated.shape == (4, 1, 8, 8) and loss.requires_grad
     quiet_trainer(fast_dev_run=1, precision="bf16-mixed").fit(
-        model, TinyImages(num=16, batch_size=4)
+        model, dh.TinyImages(num=16, batch_size=4)
     )
 
 
@@ -184,45 +192,24 @@ def test_regression_pairs_must_fit_the_module(tmp_path):
 
 
 def test_gan_config_fits_through_the_cli_and_reloads_without_arguments(tmp_path):
-    from pathlib import Path
-
     import yaml
 
-    from lightning_losses.cli import main
-    from tests.modules.test_distillation import export_tiny_teacher
-
-    repo = Path(__file__).resolve().parents[2]
-    config = repo / "configs/distillation/digits_dmd_gan.yaml"
-    plain = yaml.safe_load((repo / "configs/distillation/digits_dmd.yaml").read_text())
+    config = dh.CONFIGS / "digits_dmd_gan.yaml"
+    plain = yaml.safe_load((dh.CONFIGS / "digits_dmd.yaml").read_text())
     gan = yaml.safe_load(config.read_text())
     (term,) = gan["model"]["init_args"].pop("supplementary_losses")
     assert term["class_path"].endswith("GANSupplement")
     assert plain["model"] == gan["model"] and plain["data"] == gan["data"]
-    export_tiny_teacher(tmp_path / "export")
-    main(
-        args=[
-            "fit",
-            "--config",
-            str(config),
-            f"--model.init_args.teacher_path={tmp_path / 'export'}",
-            "--model.init_args.fake_updates_per_generator=1",
-            "--data.init_args.batch_size=16",
-            "--trainer.max_steps=4",
-            "--trainer.accelerator=cpu",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--trainer.callbacks.dirpath={tmp_path}/ckpt",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
+    model = dh.fit_config_and_reload(  # the saved weights, the head's among them, come back
+        config,
+        tmp_path,
+        DMDDistillation,
+        "--model.init_args.fake_updates_per_generator=1",
+        "--data.init_args.batch_size=16",
+        "--trainer.max_steps=4",
     )
-    model = DMDDistillation.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert isinstance(model.supplementary("gan"), GANSupplement)
-    state = model.state_dict()
-    assert any(k.startswith("supplementary_losses.0.head.") for k in saved["state_dict"])
-    for key, value in saved["state_dict"].items():
-        assert torch.equal(state[key], value), key
+    assert any(k.startswith("supplementary_losses.0.head.") for k in model.state_dict())
 
 
 class SameGenerator(L.Callback):
@@ -236,21 +223,14 @@ class SameGenerator(L.Callback):
 
 @pytest.mark.ddp
 def test_regression_with_an_automatic_weight_under_ddp(tmp_path):
-    teacher = tiny_teacher()
-    path, _ = pairs_file(tmp_path, teacher)
-    L.seed_everything(0)
-    model = DMDDistillation(
-        teacher=teacher,
-        fake_updates_per_generator=1,
-        supplementary_losses=[RegressionSupplement(path, 0.5, "auto", batch_size=4)],
-    )
+    model = regression_dmd(tmp_path, 0.5, "auto")
     trainer = quiet_trainer(
         devices=2,
         strategy="ddp_spawn_find_unused_parameters_true",
         max_epochs=1,
         callbacks=[SameGenerator()],
     )
-    trainer.fit(model, TinyImages(num=16, batch_size=4))
+    trainer.fit(model, dh.TinyImages(num=16, batch_size=4))
     assert int(model.generator_steps) == 2
     ratio = float(trainer.callback_metrics["train/grad_norm_ratio_regression"])
     assert math.isnan(ratio) or ratio == pytest.approx(0.5, rel=1e-4)  # NaN: a zero DMD step
