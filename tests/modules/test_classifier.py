@@ -303,6 +303,30 @@ def test_cli_checkpoint_reloads_without_arguments(repo_root, tmp_path):
     assert model.opl_weight == 0.0
 
 
+def _resume_matches_a_straight_run(make, path, stop: int, epochs: int, before_resume=None):
+    """``make()`` -> a seeded (model, data) pair. One pair trains ``epochs`` epochs straight, one
+    ``stop`` epochs and is saved to ``path``, one resumes from there (``before_resume`` sees it
+    first) to ``epochs``: its weights equal the straight run's exactly. Returns the three pairs."""
+
+    def trainer(max_epochs, **kwargs):
+        return quiet_trainer(max_epochs=max_epochs, deterministic=True, **kwargs)
+
+    straight = make()
+    trainer(epochs).fit(*straight)
+    stopped = make()
+    t = trainer(stop, default_root_dir=path.parent)
+    t.fit(*stopped)
+    t.save_checkpoint(path)
+    resumed = make()
+    if before_resume is not None:
+        before_resume(*resumed)
+    torch.manual_seed(123)  # resuming must not depend on the global RNG
+    trainer(epochs).fit(*resumed, ckpt_path=path)
+    for name, value in straight[0].state_dict().items():
+        torch.testing.assert_close(resumed[0].state_dict()[name], value, rtol=0, atol=0)
+    return straight, stopped, resumed
+
+
 def test_checkpoint_resume_reaches_the_same_state(tmp_path):
     def make():
         L.seed_everything(0, verbose=False)
@@ -315,22 +339,7 @@ def test_checkpoint_resume_reaches_the_same_state(tmp_path):
         data = DigitsDataModule(batch_size=128, seed=0)
         return model, data
 
-    def trainer(epochs, **kwargs):
-        return quiet_trainer(max_epochs=epochs, deterministic=True, **kwargs)
-
-    model, data = make()
-    trainer(3).fit(model, data)
-
-    model_a, data_a = make()
-    t = trainer(1, default_root_dir=tmp_path)
-    t.fit(model_a, data_a)
-    t.save_checkpoint(tmp_path / "epoch1.ckpt")
-    model_b, data_b = make()
-    torch.manual_seed(123)  # resuming must not depend on the global RNG
-    trainer(3).fit(model_b, data_b, ckpt_path=tmp_path / "epoch1.ckpt")
-
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(model_b.state_dict()[name], value, rtol=0, atol=0)
+    _resume_matches_a_straight_run(make, tmp_path / "epoch1.ckpt", stop=1, epochs=3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -470,25 +479,15 @@ def test_truncated_checkpoint_resume_restores_the_weights_exactly(tmp_path):
         L.seed_everything(0, verbose=False)
         return _truncated(prune_start_epoch=3), _noisy_digits()
 
-    def trainer(epochs, **kwargs):
-        return quiet_trainer(max_epochs=epochs, deterministic=True, **kwargs)
+    def still_unpruned(model, data):
+        assert model.sample_weights.numel() == 0
 
-    model, data = make()
-    trainer(5).fit(model, data)
-
-    model_a, data_a = make()
-    t = trainer(4, default_root_dir=tmp_path)  # pruned at the start of epoch 3
-    t.fit(model_a, data_a)
-    t.save_checkpoint(tmp_path / "epoch4.ckpt")
+    # stopped after 4 epochs (pruned at the start of epoch 3); the resumed run prunes at 4
+    (model, data), (model_a, data_a), _ = _resume_matches_a_straight_run(
+        make, tmp_path / "epoch4.ckpt", stop=4, epochs=5, before_resume=still_unpruned
+    )
     assert model_a.sample_weights.numel() == len(data_a.train_dataset)
-    model_b, data_b = make()
-    assert model_b.sample_weights.numel() == 0
-    torch.manual_seed(123)  # resuming must not depend on the global RNG
-    trainer(5).fit(model_b, data_b, ckpt_path=tmp_path / "epoch4.ckpt")  # prunes at 4
-
     assert model.sample_weights.numel() == len(data.train_dataset)
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(model_b.state_dict()[name], value, rtol=0, atol=0)
 
     # and a plain reload of the checkpoint sizes the buffer
     assert not torch.equal(model.sample_weights, model_a.sample_weights)  # it did prune again
