@@ -114,15 +114,8 @@ def test_precond_refuses_unfit_unets_and_sigmas():
     from diffusers import UNet2DModel
 
     with pytest.raises(ValueError, match="out_channels == in_channels"):
-        two_out = UNet2DModel(
-            sample_size=8,
-            in_channels=1,
-            out_channels=2,
-            block_out_channels=(8, 16),
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"),
-            norm_num_groups=4,
-        )
+        # the tiny UNet with 2 output channels for its 1 input channel
+        two_out = UNet2DModel.from_config(unet_for_images(1, 8, (8, 16)).config, out_channels=2)
         ConsistencyPrecond(two_out)
     with pytest.raises(ValueError, match="sigma_data must be > 0"):
         ConsistencyPrecond(unet_for_images(1, 8, (8, 16)), sigma_data=0.0)
