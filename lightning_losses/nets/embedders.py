@@ -116,13 +116,17 @@ def _patch_index(
     if cached is None:
         padded_h, padded_w = height + 2 * p_h, width + 2 * p_w
         out_h, out_w = (padded_h - k_h) // s_h + 1, (padded_w - k_w) // s_w + 1
-        c = torch.arange(channels)[:, None, None]
-        ky, kx = torch.arange(k_h)[None, :, None], torch.arange(k_w)[None, None, :]
+
+        def arange(n: int) -> Tensor:  # built on the device: no copy there
+            return torch.arange(n, device=device)
+
+        c = arange(channels)[:, None, None]
+        ky, kx = arange(k_h)[None, :, None], arange(k_w)[None, None, :]
         taps = (c * padded_h * padded_w + ky * padded_w + kx).flatten()  # (K,)
-        oy, ox = torch.arange(out_h)[:, None] * s_h, torch.arange(out_w)[None, :] * s_w
+        oy, ox = arange(out_h)[:, None] * s_h, arange(out_w)[None, :] * s_w
         starts = (oy * padded_w + ox).flatten()  # (L,)
-        one = torch.full((starts.shape[0], 1), channels * padded_h * padded_w)
-        cached = torch.cat([starts[:, None] + taps[None, :], one], dim=1).flatten().to(device)
+        one = torch.full((starts.shape[0], 1), channels * padded_h * padded_w, device=device)
+        cached = torch.cat([starts[:, None] + taps[None, :], one], dim=1).flatten()
         _PATCH_INDEX_CACHE[key] = cached
     return cached, cached.shape[0] // (channels * conv.kernel_size[0] * conv.kernel_size[1] + 1)
 
@@ -254,17 +258,17 @@ _WINDOW_CACHE: dict[tuple, Tensor] = {}
 def _window_means(height: int, width: int, conv: nn.Conv2d, like: Tensor) -> Tensor:
     """(H W, k_h k_w) M with :math:`M_{p t} = \\#\\{o : \\text{output } o\\text{'s tap } t
     \\text{ reads input } p\\} / L` for ``conv``'s geometry (L output positions; taps reading
-    the zero padding count nothing). Cached, in ``like``'s dtype and device."""
+    the zero padding count nothing). Built and cached in ``like``'s dtype and on its device."""
     (k_h, k_w), (s_h, s_w), (p_h, p_w) = conv.kernel_size, conv.stride, conv.padding
     key = (height, width, k_h, k_w, s_h, s_w, p_h, p_w, like.dtype, str(like.device))
     cached = _WINDOW_CACHE.get(key)
     if cached is None:
         out_h = (height + 2 * p_h - k_h) // s_h + 1
         out_w = (width + 2 * p_w - k_w) // s_w + 1
-        o_y = torch.arange(out_h)[:, None, None, None] * s_h
-        o_x = torch.arange(out_w)[None, :, None, None] * s_w
-        t_y = torch.arange(k_h)[None, None, :, None]
-        t_x = torch.arange(k_w)[None, None, None, :]
+        o_y = torch.arange(out_h, device=like.device)[:, None, None, None] * s_h
+        o_x = torch.arange(out_w, device=like.device)[None, :, None, None] * s_w
+        t_y = torch.arange(k_h, device=like.device)[None, None, :, None]
+        t_x = torch.arange(k_w, device=like.device)[None, None, None, :]
         y, x = (
             (o_y + t_y - p_h).expand(-1, out_w, -1, k_w),
             (o_x + t_x - p_w).expand(out_h, -1, k_h, -1),
@@ -273,10 +277,10 @@ def _window_means(height: int, width: int, conv: nn.Conv2d, like: Tensor) -> Ten
         inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)
         # Taps reading the padding go to a spare last row, dropped (no data-sized indexing).
         rows = torch.where(inside, y * width + x, height * width)
-        counts = torch.zeros(height * width + 1, k_h * k_w, dtype=torch.float64)
-        ones = torch.ones(rows.shape, dtype=torch.float64)
+        counts = like.new_zeros(height * width + 1, k_h * k_w)  # small integers: exact
+        ones = like.new_ones(rows.shape)
         counts = counts.index_put_((rows, tap), ones, accumulate=True)[:-1]
-        cached = (counts / (out_h * out_w)).to(like)
+        cached = counts / (out_h * out_w)
         _WINDOW_CACHE[key] = cached
     return cached
 
