@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "HOST_READS",
+    "CountHostReads",
     "all_true",
     "check_choice",
     "check_class_labels",
@@ -156,6 +158,54 @@ def all_true(*conditions: Tensor) -> list[bool]:
         return []
     stacked = torch.stack([c.reshape(()).to(torch.bool) for c in conditions])
     return [bool(v) for v in stacked.tolist()]
+
+
+#: Tensor methods and torch functions that copy a value to the host (a device synchronisation
+#: on a GPU) or size their output by the data (which synchronises too).
+HOST_READS = frozenset(
+    {
+        "__bool__",
+        "__float__",
+        "__int__",
+        "__index__",
+        "__complex__",
+        "item",
+        "tolist",
+        "numpy",
+        "cpu",
+        "nonzero",
+        "argwhere",
+        "masked_select",
+        "unique",
+        "unique_consecutive",
+        "bincount",
+    }
+)
+
+
+class CountHostReads(torch.overrides.TorchFunctionMode):
+    """Context manager that records the host reads made inside it (``reads``: their names, in
+    order): :data:`HOST_READS`, boolean-mask indexing and ``.to("cpu")``. For tests and
+    benchmarks of the "one host read per call" promises (:func:`all_true` is one ``tolist``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", str(func))
+        kwargs = kwargs or {}
+        if name in HOST_READS:
+            self.reads.append(name)
+        elif name in ("__getitem__", "__setitem__") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, Tensor) and i.dtype == torch.bool for i in index):
+                self.reads.append(f"{name}[bool mask]")
+        elif name == "to" and any(
+            str(a) == "cpu" for a in [*args[1:], kwargs.get("device")] if a is not None
+        ):
+            self.reads.append("to(cpu)")
+        return func(*args, **kwargs)
 
 
 def check_logits(value: object, name: str = "logits") -> Tensor:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lightning_losses.checks import CountHostReads
 from lightning_losses.losses import EmbeddingLoss, EmbeddingLossOutput, mmd2
 from lightning_losses.nets import RandomEmbedderBank
 
@@ -308,50 +309,6 @@ def test_embedding_loss_rejects_bad_inputs():
 # Host synchronisations: one read per call
 # ------------------------------------------------------------------------------------------------
 
-#: Tensor methods and torch functions that copy a value to the host (a device synchronisation
-#: on a GPU) or size their output by the data (which synchronises too).
-_HOST_READS = {
-    "__bool__",
-    "__float__",
-    "__int__",
-    "__index__",
-    "__complex__",
-    "item",
-    "tolist",
-    "numpy",
-    "cpu",
-    "nonzero",
-    "argwhere",
-    "masked_select",
-    "unique",
-    "unique_consecutive",
-    "bincount",
-}
-
-
-class _CountHostReads(torch.overrides.TorchFunctionMode):
-    """Counts the host reads made inside the block (``.reads``: their names, in order)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        kwargs = kwargs or {}
-        if name in _HOST_READS:
-            self.reads.append(name)
-        elif name in ("__getitem__", "__setitem__") and any(
-            isinstance(a, torch.Tensor) and a.dtype == torch.bool
-            for a in (args[1] if isinstance(args[1], tuple) else (args[1],))
-        ):
-            self.reads.append(f"{name}[bool mask]")
-        elif name == "to" and any(
-            str(a) == "cpu" for a in [*args[1:], kwargs.get("device")] if a is not None
-        ):
-            self.reads.append("to(cpu)")
-        return func(*args, **kwargs)
-
 
 def _gen_real(batch: int = 8, seed: int = 0):
     return _images(batch, seed).requires_grad_(), _images(batch, seed + 1, shift=0.3)
@@ -359,12 +316,14 @@ def _gen_real(batch: int = 8, seed: int = 0):
 
 def test_host_read_counter_sees_reads():
     x = torch.tensor([1.0, -2.0])
-    with _CountHostReads() as counter:
+    with CountHostReads() as counter:
         bool(x.sum() > 0)
         x.tolist()
         x[x > 0]
         x.nonzero()
-    assert counter.reads == ["__bool__", "tolist", "__getitem__[bool mask]", "nonzero"]
+        x.to("cpu")
+        x.sum() + 1  # no read
+    assert counter.reads == ["__bool__", "tolist", "__getitem__[bool mask]", "nonzero", "to(cpu)"]
 
 
 @pytest.mark.parametrize(
@@ -379,10 +338,16 @@ def test_host_read_counter_sees_reads():
     ],
 )
 def test_embedding_loss_reads_the_host_once_per_call(options):
+    from lightning_losses.losses import _mmd_maps
+    from lightning_losses.nets import embedders
+
+    # The first call builds the cached constants (indices, weights) too: no read there either.
+    for cache in (_mmd_maps._CACHE, embedders._PATCH_INDEX_CACHE, embedders._WINDOW_CACHE):
+        cache.clear()
     loss_fn = EmbeddingLoss(_bank(), **options)
     generated, real = _gen_real()
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    with _CountHostReads() as counter:
+    with CountHostReads() as counter:
         out = loss_fn(generated, real, labels, labels.flip(0))
         out.loss.backward()
     assert counter.reads == ["tolist"]  # the one small tensor of flags
@@ -391,7 +356,7 @@ def test_embedding_loss_reads_the_host_once_per_call(options):
 
 def test_mmd2_reads_the_host_once():
     x, y = _samples(dtype=torch.float32)
-    with _CountHostReads() as counter:
+    with CountHostReads() as counter:
         mmd2(x, y)
         mmd2(x, y, "linear")
     assert counter.reads == ["tolist", "tolist"]
