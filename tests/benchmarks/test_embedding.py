@@ -23,11 +23,15 @@ def test_averaged_step_and_share():
     assert low <= bench.share(with_el, base) <= high
 
 
-def _has_baseline() -> bool:
+def _has_commit(ref: str) -> bool:
     done = subprocess.run(
-        ["git", "cat-file", "-e", f"{bench.BASELINE_REF}^{{commit}}"], cwd=ROOT, capture_output=True
+        ["git", "cat-file", "-e", f"{ref}^{{commit}}"], cwd=ROOT, capture_output=True
     )
     return done.returncode == 0
+
+
+def _has_baseline() -> bool:
+    return _has_commit(bench.BASELINE_REF)
 
 
 @pytest.mark.skipif(not _has_baseline(), reason="the baseline commit is not in this checkout")
@@ -40,3 +44,14 @@ def test_baseline_loads_and_the_current_el_reads_the_host_once():
     assert len(reads_old) > 10  # two finiteness reads per feature map and per batch, and more
     errors = bench.agreement(bench.build_el(old, 1), bench.build_el(new, 1), shape, 6)
     assert errors["new"][0] < 1e-3 and errors["new"][1] < 1e-4
+
+
+@pytest.mark.skipif(not _has_commit(bench.BEFORE_REF), reason="the commit is not in this checkout")
+def test_a_later_commit_loads_with_its_own_mmd_module():
+    import sys
+
+    before = bench.load_baseline(bench.BEFORE_REF)
+    loss_module = sys.modules[before.EmbeddingLoss.__module__]
+    maps = loss_module._mmd2_maps.__module__
+    assert maps.startswith("el_") and maps.endswith("_mmd_maps")  # the commit's, not the tree's
+    assert bench.count_reads(bench.build_el(before, 1), (1, 8, 8), 4) == ["tolist"]
