@@ -51,6 +51,8 @@ Host synchronisation. Shapes, dtypes and devices are checked without reading val
 are checked ONCE, on the result: :func:`mmd2` reads one flag (is the result finite), and
 :class:`EmbeddingLoss` one small tensor of flags (both batches in range and finite, the result
 finite). Only when a flag is False are the inputs read again, to word the error.
+:meth:`EmbeddingLoss.unchecked` returns that flag unread, for a caller (a training step) that
+folds it into its own single read.
 
 Embedding Loss (Ying et al., arXiv 2604.22379; only the abstract is known to us). The MMD between
 generated and REAL images in the feature spaces of a bank of frozen, randomly initialised networks
@@ -444,6 +446,26 @@ class EmbeddingLoss(nn.Module):
             ValueError: for batches of the wrong shape, dtype or device, values outside the
                 range or not finite, labels that do not fit, or a non-finite result.
         """
+        output, ok = self.unchecked(generated, real, generated_labels, real_labels)
+        if not all_true(ok)[0]:
+            self.raise_for(generated, real, output)
+        return output
+
+    def unchecked(
+        self,
+        generated: Tensor,
+        real: Tensor,
+        generated_labels: Tensor | None = None,
+        real_labels: Tensor | None = None,
+    ) -> tuple[EmbeddingLossOutput, Tensor]:
+        """:meth:`forward` without its host read: ``(output, ok)``, ``ok`` a 0-d bool tensor on
+        the images' device (both batches finite and in range, the loss finite), NOT read.
+
+        For a caller that folds ``ok`` into a read of its own (e.g. a training step that checks
+        its batch in one :func:`~lightning_losses.checks.all_true`): when ``ok`` is False it
+        must call :meth:`raise_for` (the worded error) before using the loss. Shapes, dtypes and
+        devices are still checked here (no value is read for them).
+        """
         self._check_images(generated, real)
         if generated_labels is not None:
             check_class_labels(generated_labels, "generated_labels", generated.shape[0])
@@ -481,9 +503,13 @@ class EmbeddingLoss(nn.Module):
         else:
             per_feature = _mmd2_maps(pairs, *options)
         loss = per_feature.sum()
-        if not all(all_true(*self._flags(generated, real, loss))):
-            self._raise(generated, real, per_feature)
-        return EmbeddingLossOutput(loss, per_feature)
+        ok = torch.stack(self._flags(generated, real, loss)).all()
+        return EmbeddingLossOutput(loss, per_feature), ok
+
+    def raise_for(self, generated: Tensor, real: Tensor, output: EmbeddingLossOutput) -> None:
+        """Raise the ValueError that :meth:`forward` raises for a failed check of
+        :meth:`unchecked`'s ``ok`` (reads the values again: the error path only)."""
+        self._raise(generated, real, output.per_feature)
 
     def extra_repr(self) -> str:
         return (

@@ -395,6 +395,32 @@ def test_embedding_loss_rejects_unscaled_images():
             EmbeddingLoss(_bank(), generated_margin=bad)
 
 
+def test_unchecked_embedding_loss_defers_its_read_to_the_caller():
+    """unchecked() is forward() without the read: the same loss, an unread 0-d flag, and
+    raise_for() words the error forward() raises."""
+    loss_fn = EmbeddingLoss(_bank())
+    generated, real = _gen_real()
+    expected = loss_fn(generated, real)
+    with CountHostReads() as counter:
+        output, ok = loss_fn.unchecked(generated, real)
+        output.loss.backward()
+    assert counter.reads == []
+    assert ok.shape == () and ok.dtype == torch.bool and bool(ok)
+    assert torch.allclose(output.per_feature, expected.per_feature, rtol=1e-6, atol=0)
+    unit = _images(6, 0)
+    pixels = (unit + 1) * 127.5
+    output, ok = loss_fn.unchecked(unit, pixels)
+    assert not bool(ok)
+    with pytest.raises(ValueError, match=r"real must hold finite values in \[-1, 1\]"):
+        loss_fn.raise_for(unit, pixels, output)
+    nan = unit.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    output, ok = EmbeddingLoss(_bank(), value_range=None).unchecked(nan, unit)
+    assert not bool(ok)
+    with pytest.raises(ValueError, match="generated contains NaN or inf"):
+        EmbeddingLoss(_bank(), value_range=None).raise_for(nan, unit, output)
+
+
 @pytest.mark.parametrize("value_range", [(-1.0, 1.0), None])
 @pytest.mark.parametrize("which", ["generated", "real"])
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
