@@ -256,3 +256,13 @@ def test_pooled_convolution_shortcuts_match_the_convolution(kernel, stride, padd
         (weights * want).sum().backward()
         assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: _mean_of_conv(t, conv), (x[:2].requires_grad_(),))
+    # The folded matrix follows an in-place re-draw of the weights (as maybe_resample does) ...
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+    assert torch.allclose(_mean_of_conv(x, conv), conv(x).mean(dim=(2, 3)), rtol=1e-12)
+    # ... and trainable weights take the two-product form, with weight gradients.
+    conv.requires_grad_(True)
+    got = _mean_of_conv(x, conv)
+    assert torch.allclose(got, conv(x).mean(dim=(2, 3)), rtol=1e-12, atol=1e-12)
+    got.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
