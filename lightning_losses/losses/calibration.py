@@ -201,33 +201,39 @@ def correctness_aware_objective(
     return CalibrationLossOutput(loss, correct.mean(), confidence.detach().mean())
 
 
-def _objective_and_grad(
-    confidence: Tensor,
+def _objective_coefficients(
     correct: Tensor,
+    sizes: list[int],
     weighting: Literal["balanced", "split", "none"],
     accuracy: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """``(L_CA, dL_CA / dc)`` of :func:`correctness_aware_objective` in closed form, without
-    autograd (the fitting loop's inner call: no checks, no host synchronisation).
+) -> Tensor:
+    """Per-row coefficients :math:`k_i = 2 w_i / W_b` of :func:`correctness_aware_objective`
+    for ``correct`` cut into consecutive batches of ``sizes`` (one epoch of a fit, computed
+    once): in batch b, with :math:`\\delta_i = c_i - y_i`, the objective is
+    :math:`L_b = \\frac12 \\sum_i k_i \\delta_i^2` and its gradient in confidence
+    :math:`\\partial L_b / \\partial c_i = k_i \\delta_i` (a fitting step needs two O(B) ops).
 
-    With :math:`\\delta_i = c_i - y_i` and the weights :math:`w_i` of the module docstring,
-    :math:`L = \\sum_i w_i \\delta_i^2 / W` and :math:`\\partial L / \\partial c_i = 2 w_i
-    \\delta_i / W`, :math:`W = \\sum_i w_i`; for ``weighting="none"`` and the all-correct /
-    all-wrong fallback (:math:`W = 0`) every :math:`w_i = 1` and :math:`W = N`. ``accuracy``:
-    the :math:`a` of ``"split"`` as a 0-dim tensor of ``confidence``'s dtype, else None.
+    :math:`w_i` are the module docstring's weights from each batch's accuracy (``"balanced"``)
+    or from ``accuracy`` (``"split"``, a 0-dim tensor of ``correct``'s dtype; None otherwise),
+    :math:`W_b = \\sum_{i \\in b} w_i`; ``"none"`` and the all-correct / all-wrong fallback
+    (:math:`W_b = 0`) have every :math:`w_i = 1` and :math:`W_b` = the batch size. No checks.
     """
-    delta = confidence - correct
+    device, dtype = correct.device, correct.dtype
+    counts = torch.tensor(sizes, device=device)
+    batch = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+    counts = counts.to(dtype)
     if weighting == "none":
-        weighted, total = delta, float(delta.shape[0])
+        return (2.0 / counts)[batch]
+    if accuracy is None:  # each batch's accuracy: sums of 0 / 1 are exact
+        a = torch.zeros(len(sizes), dtype=dtype, device=device).index_add_(0, batch, correct)
+        a = (a / counts)[batch]
     else:
-        a = correct.mean() if accuracy is None else accuracy
-        weights = torch.where(correct > 0, 1.0 - a, a)
-        total = weights.sum()
-        positive = total > 0
-        weighted = torch.where(positive, weights, 1.0) * delta
-        total = torch.where(positive, total, float(delta.shape[0]))
-    loss = (weighted * delta).sum() / total
-    return loss, weighted * (2.0 / total)
+        a = accuracy.to(dtype)
+    weights = torch.where(correct > 0, 1.0 - a, a)
+    totals = torch.zeros(len(sizes), dtype=dtype, device=device).index_add_(0, batch, weights)
+    positive = totals > 0
+    weights = torch.where(positive[batch], weights, 1.0)
+    return 2.0 * weights / torch.where(positive, totals, counts)[batch]
 
 
 def correctness_aware_loss(
@@ -271,21 +277,15 @@ def correctness_aware_loss(
 LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
 
-def _confidence_and_moment(
-    base2: Tensor, temperature: Tensor, work: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """``(c, m)`` with :math:`e_{ik} = 2^{b_{ik} / T_i}`, :math:`c_i = 1 / \\sum_k e_{ik}` and
-    :math:`m_i = \\sum_k e_{ik} b_{ik}`, for base-2 shifted logits :math:`b = d \\log_2 e`
-    (row max 0): five element-wise ops over ``b`` (divide, exp2, sum, multiply, sum), into
-    ``work`` (the shape of ``b``, overwritten) when given. No autograd."""
-    e = (
-        base2 / temperature[:, None]
-        if work is None
-        else torch.div(base2, temperature[:, None], out=work)
-    )
-    e.exp2_()
+def _confidence_and_moment(scaled: Tensor, work: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(c, m)`` with :math:`e_{ik} = 2^{s_{ik}}`, :math:`c_i = 1 / \\sum_k e_{ik}` and
+    :math:`m_i = \\sum_k e_{ik} s_{ik}`, for ``scaled`` :math:`s_{ik} = b_{ik} / T_i`, the
+    base-2 shifted logits :math:`b = d \\log_2 e` (row max 0) over the temperature: four
+    element-wise ops over ``s`` (exp2, sum, multiply, sum), into ``work`` (the shape of ``s``,
+    overwritten) when given. No autograd."""
+    e = torch.exp2(scaled) if work is None else torch.exp2(scaled, out=work)
     total = e.sum(dim=1)
-    moment = e.mul_(base2).sum(dim=1)
+    moment = e.mul_(scaled).sum(dim=1)
     return total.reciprocal(), moment
 
 
@@ -293,19 +293,20 @@ def _confidence_vjp(
     grad: Tensor, confidence: Tensor, moment: Tensor, temperature: Tensor
 ) -> Tensor:
     """:math:`g_i \\, \\partial c_i / \\partial T_i` with
-    :math:`\\partial c_i / \\partial T_i = c_i^2 \\ln 2 \\, m_i / T_i^2` (from
-    :func:`_confidence_and_moment`): O(N), nothing over the classes."""
-    scale = math.log(2.0) * confidence * confidence / (temperature * temperature)
-    return grad * moment * scale
+    :math:`\\partial c_i / \\partial T_i = c_i^2 \\ln 2 \\sum_k e_{ik} b_{ik} / T_i^2
+    = \\ln 2 \\, c_i^2 m_i / T_i` (:math:`m` from :func:`_confidence_and_moment`): O(N),
+    nothing over the classes."""
+    return (grad * moment) * (confidence * confidence / temperature) * math.log(2.0)
 
 
 class _TemperedConfidence(torch.autograd.Function):
-    """:func:`_confidence_and_moment`'s confidence with its closed-form gradient
-    :func:`_confidence_vjp`: the (N, C) work is done once, forward; the backward is O(N)."""
+    """:func:`_confidence_and_moment`'s confidence of ``base2 / T`` with its closed-form
+    gradient :func:`_confidence_vjp`: the (N, C) work is done once, forward; the backward is
+    O(N)."""
 
     @staticmethod
     def forward(ctx: Any, base2: Tensor, temperature: Tensor, work: Tensor | None) -> Tensor:
-        confidence, moment = _confidence_and_moment(base2, temperature, work)
+        confidence, moment = _confidence_and_moment(base2 / temperature[:, None], work)
         ctx.save_for_backward(confidence, moment, temperature)
         return confidence
 
@@ -323,7 +324,7 @@ def tempered_confidence(
     ``shifted_logits`` are :math:`d_i = z_i - \\max_k z_{ik}` (every row's maximum exactly 0:
     compute them once per cached split); then :math:`c_i = 1 / \\sum_k \\exp(d_{ik} / T_i)`
     (the predicted class is the same for every :math:`T_i > 0`). Gradient flows to
-    ``temperature`` only, in closed form (three element-wise passes forward, none backward):
+    ``temperature`` only, in closed form (five element-wise passes forward, none backward):
     the value of ``softmax(z / T).max(1)`` to float rounding, with no (N, C) softmax backward.
     With ``base="2"``, ``shifted_logits`` are given as :math:`d \\log_2 e` (a fit multiplies
     once, not every step).

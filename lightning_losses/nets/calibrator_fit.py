@@ -10,6 +10,15 @@ split do not change during the fit, so everything that depends on them alone is 
   over the batch's logits with a closed-form gradient
   (:func:`~lightning_losses.losses.calibration.tempered_confidence`).
 
+For the stock :class:`~lightning_losses.nets.CorrectnessAwareCalibrator` (every parameter
+trainable) a CA step builds no autograd graph: the batch's rows of :math:`d` are gathered and
+scaled by :math:`\\log_2 e / T_i` in one pass (``embedding_bag``), the confidence and the moment
+:math:`\\sum_k e_{ik} s_{ik}` of its gradient take four more element-wise passes, and every other
+gradient (the CA objective's, with per-row coefficients computed once per epoch, then the
+temperature network's) is closed-form O(B) work; every batch of an epoch is a slice of
+the epoch's features and correctness, gathered once. Other calibrators take autograd on the
+same precomputed inputs.
+
 ``precompute=False`` recomputes all of it every step through the calibrator's ``forward`` and
 :func:`~lightning_losses.losses.calibration.correctness_aware_loss`: the slow reference, which
 gives the same fit to rounding (tests and ``benchmarks/calibration_fit.py`` check it).
@@ -44,7 +53,7 @@ from lightning_losses.losses.calibration import (
     LOG2_E,
     _confidence_and_moment,
     _confidence_vjp,
-    _objective_and_grad,
+    _objective_coefficients,
     _tempered_confidence_into,
     calibration_cross_entropy,
     calibration_mse,
@@ -199,10 +208,10 @@ def fit_calibrator(
         z = logits.detach().to(dtype)
         targets = labels.long()
         correct = (z.argmax(dim=1) == targets).to(dtype)
-        base2 = None
-        if objective == "ca":  # base-2 shifted logits d log2 e, for exp2 in every step
-            base2 = torch.empty(z.shape, dtype=dtype, device=device)  # one (N, C) allocation
-            torch.sub(z, z.amax(dim=1, keepdim=True), out=base2).mul_(LOG2_E)
+        shifted = None
+        if objective == "ca":  # d = z - max_k z_k (row max exactly 0), in one (N, C) allocation
+            shifted = torch.empty(z.shape, dtype=dtype, device=device)
+            torch.sub(z, z.amax(dim=1, keepdim=True), out=shifted)
         fast_inputs = precompute and hasattr(calibrator, "temperature_from_features")
         features = calibrator.features(z, view_logits) if needs_views and fast_inputs else None
     split_accuracy = correct[train_rows].mean() if weighting == "split" else None
@@ -232,7 +241,8 @@ def fit_calibrator(
             temperature = calibrator.temperature(z[rows], views)
         temperature = temperature.to(dtype)
         if objective == "ca":
-            batch = torch.index_select(base2, 0, rows, out=gathered[: len(rows)])
+            batch = torch.index_select(shifted, 0, rows, out=gathered[: len(rows)])
+            batch.mul_(LOG2_E)  # base 2, for exp2
             confidence = _tempered_confidence_into(batch, temperature, work[: len(rows)])
             return correctness_aware_objective(
                 confidence, correct[rows], weighting, weights_accuracy
@@ -244,25 +254,37 @@ def fit_calibrator(
         onehot = F.one_hot(targets[rows], probs.shape[1]).to(dtype)
         return ((probs - onehot) ** 2).sum(dim=1).mean()
 
-    def closed_form_step(rows: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """The CA objective of one batch (``x`` its features, ``y`` its correctness), with the
-        gradients of every parameter set in closed form: no autograd graph, (B, C) work in
-        :func:`_confidence_and_moment` only."""
-        parts = calibrator._temperature_parts(x)
-        batch = torch.index_select(base2, 0, rows, out=gathered[: len(rows)])
-        confidence, moment = _confidence_and_moment(batch, parts.temperature, work[: len(rows)])
-        loss, grad = _objective_and_grad(confidence, y, weighting, split_accuracy)
+    def closed_form_step(rows: Tensor, x: Tensor, y: Tensor, k: Tensor, out: Tensor) -> None:
+        """One batch's CA step without autograd: ``x`` its features, ``y`` its correctness,
+        ``k`` its :func:`_objective_coefficients`; sets every parameter's gradient in closed
+        form and writes twice the objective into the 0-dim ``out``. (B, C) work only in
+        ``embedding_bag`` and :func:`_confidence_and_moment`; the rest is O(B)."""
+        parts = calibrator._temperature_parts(x, dtype)
+        # s = d log2(e) / T: the batch's rows gathered and scaled in one pass.
+        scaled = F.embedding_bag(
+            rows,
+            shifted,
+            offsets[: len(rows)],
+            mode="sum",
+            per_sample_weights=LOG2_E / parts.temperature,
+        )
+        confidence, moment = _confidence_and_moment(scaled, work[: len(rows)])
+        delta = confidence - y
+        grad = k * delta  # dL/dc
+        torch.dot(grad, delta, out=out)
         grad_t = _confidence_vjp(grad, confidence, moment, parts.temperature)
         for param, g in zip(params, calibrator._temperature_backward(parts, grad_t)):
             param.grad = g
-        return loss
 
     # Preallocated (B, C) buffers: a fresh 4 MB tensor every step costs page faults.
     width = (batch_size if not len(holdout_rows) else max(batch_size, len(holdout_rows)),)
     gathered = (
-        torch.empty(width + z.shape[1:], dtype=dtype, device=device) if base2 is not None else None
+        torch.empty(width + z.shape[1:], dtype=dtype, device=device)
+        if shifted is not None
+        else None
     )
     work = torch.empty_like(gathered) if gathered is not None else None
+    offsets = torch.arange(batch_size, device=device)  # one row per bag of embedding_bag
     # The fused implementation (one kernel for every parameter) where torch has it.
     try:
         optimizer = torch.optim.Adam(params, lr=lr, fused=True)
@@ -282,24 +304,33 @@ def fit_calibrator(
             total, count = torch.zeros((), dtype=torch.float64, device=device), 0
             order, bounds = _epoch_order(len(train_rows), batch_size, generator, drop_last)
             epoch_rows = train_rows[order].to(device)
-            if closed_form:  # this epoch's rows in batch order: every batch a slice
-                x_epoch = features.index_select(0, epoch_rows)
-                y_epoch = correct.index_select(0, epoch_rows)
+            if closed_form and bounds:  # this epoch's rows in batch order: a batch is a slice
+                x_epoch = features.index_select(0, epoch_rows[: bounds[-1][1]])
+                y_epoch = correct.index_select(0, epoch_rows[: bounds[-1][1]])
+                sizes = [stop - start for start, stop in bounds]
+                k_epoch = _objective_coefficients(y_epoch, sizes, weighting, split_accuracy)
+                doubled = torch.empty(len(bounds), dtype=dtype, device=device)
+            taken = 0  # batches of this epoch done
             for start, stop in bounds:
                 if max_steps is not None and steps >= max_steps:
                     break
                 rows = epoch_rows[start:stop]
                 if closed_form:
                     with torch.no_grad():
-                        loss = closed_form_step(rows, x_epoch[start:stop], y_epoch[start:stop])
+                        x, y, k = x_epoch[start:stop], y_epoch[start:stop], k_epoch[start:stop]
+                        closed_form_step(rows, x, y, k, doubled[taken])
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     loss = loss_of(rows, split_accuracy)
                     loss.backward()
+                    total += loss.detach().double() * (stop - start)  # no host copy per step
                 optimizer.step()
                 steps += 1
-                total += loss.detach().double() * (stop - start)  # no host copy per step
+                taken += 1
                 count += stop - start
+            if closed_form and taken:  # the batches' losses, weighted by their sizes
+                done = torch.tensor(sizes[:taken], dtype=torch.float64, device=device)
+                total += (doubled[:taken].double() * done).sum() / 2
             train_losses.append(float(total) / max(count, 1))
             if len(holdout_rows):
                 with torch.no_grad():

@@ -295,13 +295,26 @@ def fit_temperature(
     return model.fit(logits, labels, max_iter=max_iter, allow_probabilities=allow_probabilities)
 
 
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, without the call when it is already ``dtype``."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _affine_t(layer: nn.Linear, inputs_t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``layer(inputs_t.T).T`` (out, N) for (in, N) ``inputs_t``, in ``dtype``."""
+    weight = _cast(layer.weight, dtype)
+    if layer.bias is None:
+        return weight @ inputs_t
+    return torch.addmm(_cast(layer.bias, dtype)[:, None], weight, inputs_t)
+
+
 class _TemperatureParts(NamedTuple):
     """What :meth:`CorrectnessAwareCalibrator._temperature_backward` reads of the forward."""
 
     x: Tensor
     """(N, k V) input features in the working dtype."""
     hidden: Tensor
-    """(N, H) ReLU output."""
+    """(H, N) ReLU output (transposed)."""
     sigma: Tensor
     """(N,) sigmoid of the last layer's output plus the offset."""
     raw: Tensor
@@ -452,20 +465,24 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
         """(N,) per-sample temperatures from precomputed (N, k V) :meth:`features`."""
         return self._temperature_parts(features).temperature
 
-    def _temperature_parts(self, features: Tensor) -> _TemperatureParts:
-        """The network's forward (the class docstring's formulas), keeping what
-        :meth:`_temperature_backward` needs; differentiable (autograd) when called with grad."""
-        with torch.autocast(device_type=features.device.type, enabled=False):
+    def _temperature_parts(
+        self, features: Tensor, dtype: torch.dtype | None = None
+    ) -> _TemperatureParts:
+        """The network's forward (the class docstring's formulas) in ``dtype`` (None: the
+        working dtype), keeping what :meth:`_temperature_backward` needs; differentiable
+        (autograd) when called with grad. The layers run transposed, :math:`W_1 x^T`: (H, N)
+        activations, several times faster than :math:`x W_1^T` for these small widths."""
+        if dtype is None:
             dtype = torch.promote_types(features.dtype, self._working_dtype(features))
-            x = features.to(dtype)
+        with torch.autocast(device_type=features.device.type, enabled=False):
             layers = self.mlp
             first, last = layers[0], layers[-1]
-            pre = F.linear(x, first.weight.to(dtype), first.bias.to(dtype))
-            hidden = F.relu(pre)
-            u = F.linear(hidden, last.weight.to(dtype), last.bias.to(dtype)).squeeze(1)
+            x = _cast(features, dtype)
+            hidden = torch.relu(_affine_t(first, x.t(), dtype))  # (H, N)
+            u = _affine_t(last, hidden, dtype)[0]
             sigma = torch.sigmoid(u + self.offset)
             raw = (self.log_t_min + self.log_t_range * sigma).exp()
-            # Mathematically a no-op; it only removes the rounding of exp(log(t_max)).
+            # The clamp is mathematically a no-op; it only removes the rounding of exp(log t_max).
             return _TemperatureParts(x, hidden, sigma, raw, raw.clamp(self.t_min, self.t_max))
 
     def _closed_form_parameters(self) -> list[nn.Parameter] | None:
@@ -500,19 +517,19 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
         the first linear layer.
         """
         first, last = self.mlp[0], self.mlp[-1]
-        inside = (parts.raw >= self.t_min) & (parts.raw <= self.t_max)
-        g = torch.where(inside, grad, 0.0) * parts.raw * self.log_t_range
-        g = g * (1.0 - parts.sigma) * parts.sigma  # dL/du, (N,)
-        w2 = last.weight.to(g.dtype)
-        g_pre = torch.where(parts.hidden > 0, g[:, None] * w2, 0.0)  # dL/d(pre), (N, H)
+        # clamp(raw) == raw exactly where t_min <= raw <= t_max: autograd's clamp mask.
+        g = torch.where(parts.raw == parts.temperature, grad, 0.0) * parts.raw
+        g = g * (1.0 - parts.sigma) * (parts.sigma * self.log_t_range)  # dL/du, (N,)
+        w2 = _cast(last.weight.detach()[0], g.dtype)
+        g_pre = torch.outer(w2, g).mul_(parts.hidden > 0)  # dL/d(W1 x^T + b1), (H, N)
         grads = (
-            g_pre.t() @ parts.x,
-            g_pre.sum(dim=0),
-            g[None, :] @ parts.hidden,
-            g.sum().reshape(1),
+            g_pre @ parts.x,
+            g_pre.sum(dim=1),
+            (parts.hidden @ g)[None, :],
+            g.sum(dim=0, keepdim=True),
         )
         params = (first.weight, first.bias, last.weight, last.bias)
-        return [gi.to(p.dtype) for gi, p in zip(grads, params)]
+        return [_cast(gi, p.dtype) for gi, p in zip(grads, params)]
 
     def temperature(
         self, logits: Tensor, view_logits: Tensor | None = None, features: Tensor | None = None

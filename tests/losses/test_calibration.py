@@ -314,30 +314,38 @@ def test_unweighted_ca_is_the_plain_mean_and_bad_weighting_raises():
         CorrectnessAwareLoss(weighting="Balanced")
 
 
-@pytest.mark.parametrize("case", ["mixed", "all_correct", "all_wrong"])
 @pytest.mark.parametrize("weighting", ["balanced", "split", "none"])
-def test_closed_form_objective_and_gradient_match_the_loop_and_autograd(case, weighting):
-    """The fitting loop's _objective_and_grad: the value of correctness_aware_objective (and of
-    the float64 loop reference for the paper's weights) and autograd's gradient in confidence."""
-    from lightning_losses.losses.calibration import _objective_and_grad
+def test_closed_form_objective_coefficients_match_the_loop_and_autograd(weighting):
+    """The fitting loop's per-epoch _objective_coefficients k: in every batch (a mixed one, an
+    all-correct one, an all-wrong one, a last smaller one) 0.5 * sum k (c - y)^2 is the value
+    of correctness_aware_objective (and of the float64 loop reference for the paper's
+    weights) and k (c - y) is autograd's gradient in confidence."""
+    from lightning_losses.losses.calibration import _objective_coefficients
 
-    logits, labels = _batch(7, n=31)
-    if case == "all_correct":
-        labels = logits.argmax(1)
-    elif case == "all_wrong":
-        labels = (logits.argmax(1) + 1) % logits.shape[1]
-    correct = (logits.argmax(1) == labels).double()
-    conf = torch.softmax(logits, 1).amax(1).requires_grad_()
+    logits, labels = _batch(7, n=40)
+    pred = logits.argmax(1)
+    labels[10:20] = pred[10:20]  # all correct
+    labels[20:30] = (pred[20:30] + 1) % logits.shape[1]  # all wrong
+    sizes = [10, 10, 10, 7, 3]
+    correct = (pred == labels).double()
+    conf = torch.softmax(logits, 1).amax(1)
     accuracy = torch.tensor(0.7, dtype=torch.float64) if weighting == "split" else None
-    expected = correctness_aware_objective(conf, correct, weighting, accuracy).loss
-    (expected_grad,) = torch.autograd.grad(expected, conf)
-    with torch.no_grad():
-        loss, grad = _objective_and_grad(conf.detach(), correct, weighting, accuracy)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-13, abs=1e-15)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-15)
-    if weighting == "balanced":
-        assert loss.item() == pytest.approx(reference_ca(logits, labels), rel=1e-12)
-    if case != "mixed" and weighting != "split":  # the unweighted-mean fallback
-        plain = ((conf.detach() - correct) ** 2).mean()
-        assert loss.item() == pytest.approx(plain.item(), rel=1e-13)
-        torch.testing.assert_close(grad, 2 * (conf.detach() - correct) / len(correct))
+    k = _objective_coefficients(correct, sizes, weighting, accuracy)
+    assert k.shape == (40,) and k.dtype == torch.float64
+    start = 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        start += size
+        c = conf[rows].clone().requires_grad_()
+        expected = correctness_aware_objective(c, correct[rows], weighting, accuracy).loss
+        (expected_grad,) = torch.autograd.grad(expected, c)
+        delta = conf[rows] - correct[rows]
+        value = 0.5 * (k[rows] * delta * delta).sum()
+        assert value.item() == pytest.approx(expected.item(), rel=1e-13, abs=1e-15)
+        torch.testing.assert_close(k[rows] * delta, expected_grad, rtol=1e-12, atol=1e-15)
+        if weighting == "balanced":
+            ref = reference_ca(logits[rows], labels[rows])
+            assert value.item() == pytest.approx(ref, rel=1e-12)
+        one_group = bool(correct[rows].all() or not correct[rows].any())
+        if weighting == "none" or (one_group and weighting == "balanced"):  # plain mean
+            torch.testing.assert_close(k[rows], torch.full((size,), 2.0 / size).double())

@@ -325,3 +325,27 @@ def test_float32_closed_form_fit_is_as_close_to_float64_as_the_reference():
     for name in ("fast32", "ref32"):
         assert (temps[name] - truth).abs().max().item() < 4e-7, name
     assert (truth - 1).abs().max() > 0.2  # it learned something
+
+
+def test_closed_form_fit_cut_by_max_steps_reports_the_steps_taken():
+    z, labels, views = _problem(n=200)
+    out = []
+    for precompute in (True, False):
+        torch.manual_seed(4)
+        cal = CorrectnessAwareCalibrator(3).double()
+        history = fit_calibrator(
+            cal,
+            z,
+            labels,
+            views,
+            epochs=5,
+            batch_size=48,
+            lr=2e-2,
+            max_steps=7,
+            precompute=precompute,
+        )
+        assert (history.steps, history.epochs) == (7, 2)
+        with torch.no_grad():
+            out.append((history.train_loss, cal.temperature(z, views)))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-10)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-10, atol=1e-12)
