@@ -520,12 +520,14 @@ def kept_step_subsection(path: Path = RESULTS) -> str | None:
     ]
     while body and body[-1].strip() == "":
         body.pop()
+    while body and body[0].strip() == "":  # one blank line after the note, not one more per run
+        body.pop(0)
     note = (
         f"{KEPT_NOTE} (it needs `--step-overhead`): kept from the run that made it, which "
         "used the previous, autograd implementation of OPL (the closed form can only be "
         "cheaper)._"
     )
-    return "\n".join([STEP_HEADING, "", note, *body])
+    return "\n".join([STEP_HEADING, "", note, "", *body])
 
 
 def main() -> None:

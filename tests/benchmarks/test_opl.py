@@ -59,5 +59,9 @@ def test_kept_step_subsection(bench, tmp_path):
     assert "Whole run" not in kept and "other" not in kept
     # Kept twice: still one note.
     doc.write_text(f"{bench.TITLE}\n\n{kept}\n")
-    assert bench.kept_step_subsection(doc).count(bench.KEPT_NOTE) == 1
+    again = bench.kept_step_subsection(doc)
+    assert again.count(bench.KEPT_NOTE) == 1
+    # Kept again and again: the same text, no blank line added per run.
+    doc.write_text(f"{bench.TITLE}\n\n{again}\n\nWhole run: 1 min.\n")
+    assert bench.kept_step_subsection(doc) == again
     assert bench.kept_step_subsection(tmp_path / "missing.md") is None
