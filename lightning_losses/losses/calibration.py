@@ -47,16 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_losses.checks import (
-    all_true,
-    check_choice,
-    check_class_labels,
-    check_float,
-    check_floating,
-    check_same_length,
-    check_tensor,
-    working_dtype,
-)
+from lightning_losses import checks
 
 __all__ = [
     "CA_WEIGHTINGS",
@@ -99,8 +90,8 @@ def _check_logits_labels(logits: Tensor, labels: Tensor) -> None:
 
     Shapes and dtypes read no values; the label range and finiteness are read in ONE host copy.
     """
-    check_tensor(logits, "logits", 2, "(N, C)")
-    check_floating(logits, "logits")
+    checks.check_tensor(logits, "logits", 2, "(N, C)")
+    checks.check_floating(logits, "logits")
     if logits.shape[1] < 2:
         raise ValueError(
             f"logits must have C >= 2 classes (shape (N, C)), got {tuple(logits.shape)}"
@@ -109,10 +100,10 @@ def _check_logits_labels(logits: Tensor, labels: Tensor) -> None:
         raise ValueError(
             f"logits must hold at least one sample (N >= 1), got {tuple(logits.shape)}"
         )
-    check_class_labels(labels, "labels")
-    check_same_length(logits, "logits", labels, "labels")
+    checks.check_class_labels(labels, "labels")
+    checks.check_same_length(logits, "logits", labels, "labels")
     num_classes = logits.shape[1]
-    in_range, finite = all_true(
+    in_range, finite = checks.all_true(
         ((labels >= 0) & (labels < num_classes)).all(), torch.isfinite(logits.detach()).all()
     )
     if not in_range:
@@ -141,7 +132,7 @@ def correctness_weights(logits: Tensor, labels: Tensor) -> CorrectnessWeights:
         :func:`correctness_aware_loss` for the fallback).
     """
     _check_logits_labels(logits, labels)
-    return _correctness_weights(logits.detach(), labels, working_dtype(logits))
+    return _correctness_weights(logits.detach(), labels, checks.working_dtype(logits))
 
 
 def _correctness_weights(logits: Tensor, labels: Tensor, dtype: torch.dtype) -> CorrectnessWeights:
@@ -172,7 +163,7 @@ def correctness_aware_objective(
         ``(loss, accuracy, confidence)``: the loss, the mean of ``correct`` and the mean
         confidence (both without gradient).
     """
-    check_choice(weighting, "weighting", CA_WEIGHTINGS)
+    checks.check_choice(weighting, "weighting", CA_WEIGHTINGS)
     if (weighting == "split") != (accuracy is not None):
         raise ValueError(
             'accuracy must be given with weighting="split" (the calibration split\'s accuracy) '
@@ -187,7 +178,7 @@ def correctness_aware_objective(
                 a = accuracy.detach().to(confidence.dtype)
             else:
                 a = torch.tensor(
-                    check_float(accuracy, "accuracy", minimum=0.0, maximum=1.0),
+                    checks.check_float(accuracy, "accuracy", minimum=0.0, maximum=1.0),
                     dtype=confidence.dtype,
                     device=confidence.device,
                 )
@@ -263,9 +254,9 @@ def correctness_aware_loss(
         ValueError: naming ``logits``, ``labels``, ``weighting`` or ``accuracy`` on a wrong
             shape, dtype, value range or option.
     """
-    check_choice(weighting, "weighting", CA_WEIGHTINGS)
+    checks.check_choice(weighting, "weighting", CA_WEIGHTINGS)
     _check_logits_labels(logits, labels)
-    dtype = working_dtype(logits)
+    dtype = checks.working_dtype(logits)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         z = logits.to(dtype)
         correct = (z.detach().argmax(dim=1) == labels).to(dtype)
@@ -334,18 +325,18 @@ def tempered_confidence(
         temperature: (N,) positive temperatures of the same dtype and device.
         base: ``"e"`` (natural-log logits) or ``"2"`` (already multiplied by log2(e)).
     """
-    check_tensor(shifted_logits, "shifted_logits", 2, "(N, C)")
-    check_floating(shifted_logits, "shifted_logits")
-    check_tensor(temperature, "temperature", 1, "(N,)")
-    check_same_length(shifted_logits, "shifted_logits", temperature, "temperature")
-    check_choice(base, "base", ("e", "2"))
+    checks.check_tensor(shifted_logits, "shifted_logits", 2, "(N, C)")
+    checks.check_floating(shifted_logits, "shifted_logits")
+    checks.check_tensor(temperature, "temperature", 1, "(N,)")
+    checks.check_same_length(shifted_logits, "shifted_logits", temperature, "temperature")
+    checks.check_choice(base, "base", ("e", "2"))
     if temperature.dtype != shifted_logits.dtype:
         raise ValueError(
             f"temperature must have the dtype of shifted_logits ({shifted_logits.dtype}), got "
             f"{temperature.dtype}"
         )
     if shifted_logits.shape[0]:
-        row_max_zero, positive = all_true(
+        row_max_zero, positive = checks.all_true(
             (shifted_logits.detach().amax(dim=1) == 0).all(),
             ((temperature.detach() > 0) & torch.isfinite(temperature.detach())).all(),
         )
@@ -381,7 +372,7 @@ def calibration_cross_entropy(logits: Tensor, labels: Tensor) -> CalibrationLoss
     least float32. Arguments, output and errors as in :func:`correctness_aware_loss`.
     """
     _check_logits_labels(logits, labels)
-    dtype = working_dtype(logits)
+    dtype = checks.working_dtype(logits)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         z = logits.to(dtype)
         return CalibrationLossOutput(F.cross_entropy(z, labels), *_summary(z, labels))
@@ -395,7 +386,7 @@ def calibration_mse(logits: Tensor, labels: Tensor) -> CalibrationLossOutput:
     Arguments, output and errors as in :func:`correctness_aware_loss`.
     """
     _check_logits_labels(logits, labels)
-    dtype = working_dtype(logits)
+    dtype = checks.working_dtype(logits)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         z = logits.to(dtype)
         probs = torch.softmax(z, dim=1)
@@ -413,7 +404,7 @@ class CorrectnessAwareLoss(nn.Module):
         accuracy: float | None = None,
     ) -> None:
         super().__init__()
-        self.weighting = check_choice(weighting, "weighting", CA_WEIGHTINGS)
+        self.weighting = checks.check_choice(weighting, "weighting", CA_WEIGHTINGS)
         self.accuracy = accuracy
 
     def forward(self, logits: Tensor, labels: Tensor) -> CalibrationLossOutput:
