@@ -25,6 +25,21 @@ def _problem(n=300, c=7, v=3, seed=0, dtype=torch.float64):
     return u, labels, views
 
 
+def _fit_both(seed, z, labels, views, prepare=None, **options):
+    """``[(history, T), (history, T)]`` of the precomputed and the per-step reference fit from
+    the same initial weights (``prepare(calibrator)`` before each fit)."""
+    out = []
+    for precompute in (True, False):
+        torch.manual_seed(seed)
+        cal = CorrectnessAwareCalibrator(3).to(z.dtype)
+        if prepare is not None:
+            prepare(cal)
+        history = fit_calibrator(cal, z, labels, views, precompute=precompute, **options)
+        with torch.no_grad():
+            out.append((history, cal.temperature(z, views)))
+    return out
+
+
 def test_tempered_confidence_matches_softmax_and_its_gradient():
     z, _, _ = _problem(n=20, c=5)
     t = (torch.rand(20, dtype=torch.float64) + 0.3).requires_grad_()
@@ -81,25 +96,11 @@ def test_features_once_and_chunked_equal_the_per_call_features(monkeypatch):
 )
 def test_precomputed_fit_equals_per_step_reference(objective, weighting):
     z, labels, views = _problem()
-    temps = []
-    for precompute in (True, False):
-        torch.manual_seed(3)
-        cal = CorrectnessAwareCalibrator(3).double()
-        history = fit_calibrator(
-            cal,
-            z,
-            labels,
-            views,
-            objective=objective,
-            weighting=weighting,
-            epochs=3,
-            batch_size=64,
-            lr=1e-2,
-            precompute=precompute,
-        )
+    options = {"objective": objective, "weighting": weighting, "epochs": 3, "batch_size": 64}
+    fits = _fit_both(3, z, labels, views, lr=1e-2, **options)
+    for history, _ in fits:
         assert history.steps == 3 * math.ceil(300 / 64)
-        with torch.no_grad():
-            temps.append(cal.temperature(z, views))
+    temps = [t for _, t in fits]
     torch.testing.assert_close(temps[0], temps[1], rtol=1e-10, atol=1e-12)
     assert (temps[0] - 1).abs().max() > 1e-3  # it learned something
 
@@ -283,20 +284,17 @@ def test_closed_form_autograd_and_reference_fits_agree(monkeypatch, weighting, d
 
 def test_fit_with_a_frozen_layer_uses_autograd_and_keeps_it():
     z, labels, views = _problem(n=120)
-    temps = []
-    for precompute in (True, False):
-        torch.manual_seed(1)
-        cal = CorrectnessAwareCalibrator(3).double()
+    frozen = []
+
+    def freeze(cal):
         cal.mlp[0].requires_grad_(False)
-        frozen = cal.mlp[0].weight.detach().clone()
-        fit_calibrator(
-            cal, z, labels, views, epochs=3, batch_size=40, lr=5e-2, precompute=precompute
-        )
-        assert torch.equal(cal.mlp[0].weight, frozen)
-        with torch.no_grad():
-            temps.append(cal.temperature(z, views))
-    torch.testing.assert_close(temps[0], temps[1], rtol=1e-10, atol=1e-12)
-    assert (temps[0] - 1).abs().max() > 1e-4
+        frozen.append((cal, cal.mlp[0].weight.detach().clone()))
+
+    fits = _fit_both(1, z, labels, views, prepare=freeze, epochs=3, batch_size=40, lr=5e-2)
+    for cal, weight in frozen:
+        assert torch.equal(cal.mlp[0].weight, weight)
+    torch.testing.assert_close(fits[0][1], fits[1][1], rtol=1e-10, atol=1e-12)
+    assert (fits[0][1] - 1).abs().max() > 1e-4
 
 
 def test_float32_closed_form_fit_is_as_close_to_float64_as_the_reference():
@@ -329,23 +327,8 @@ def test_float32_closed_form_fit_is_as_close_to_float64_as_the_reference():
 
 def test_closed_form_fit_cut_by_max_steps_reports_the_steps_taken():
     z, labels, views = _problem(n=200)
-    out = []
-    for precompute in (True, False):
-        torch.manual_seed(4)
-        cal = CorrectnessAwareCalibrator(3).double()
-        history = fit_calibrator(
-            cal,
-            z,
-            labels,
-            views,
-            epochs=5,
-            batch_size=48,
-            lr=2e-2,
-            max_steps=7,
-            precompute=precompute,
-        )
+    fits = _fit_both(4, z, labels, views, epochs=5, batch_size=48, lr=2e-2, max_steps=7)
+    for history, _ in fits:
         assert (history.steps, history.epochs) == (7, 2)
-        with torch.no_grad():
-            out.append((history.train_loss, cal.temperature(z, views)))
-    assert out[0][0] == pytest.approx(out[1][0], rel=1e-10)
-    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-10, atol=1e-12)
+    assert fits[0][0].train_loss == pytest.approx(fits[1][0].train_loss, rel=1e-10)
+    torch.testing.assert_close(fits[0][1], fits[1][1], rtol=1e-10, atol=1e-12)
