@@ -106,9 +106,10 @@ def _patch_index(
 
     The image is zero-padded by ``conv.padding`` and flattened per sample to
     ``C (H + 2 p_h) (W + 2 p_w)`` values followed by one constant 1 (the bias' input). Entry
-    ``l (K + 1) + k`` of the index is the flat position of output l's k-th input value (C, k_h,
-    k_w order, as the weight is flattened); entry ``l (K + 1) + K`` points at the 1. Stride
-    taken into account; cached (a few small tensors per geometry).
+    ``k L + l`` of the index is the flat position of output l's k-th input value (C, k_h, k_w
+    order, as the weight is flattened); entries ``K L + l`` point at the 1. Gathered, it is a
+    (K + 1, L) matrix per sample, the right factor of ``weight @ patches``. Stride taken into
+    account; cached (a few small tensors per geometry).
     """
     (k_h, k_w), (s_h, s_w), (p_h, p_w) = conv.kernel_size, conv.stride, conv.padding
     key = (channels, height, width, k_h, k_w, s_h, s_w, p_h, p_w, str(device))
@@ -126,7 +127,8 @@ def _patch_index(
         oy, ox = arange(out_h)[:, None] * s_h, arange(out_w)[None, :] * s_w
         starts = (oy * padded_w + ox).flatten()  # (L,)
         one = torch.full((starts.shape[0], 1), channels * padded_h * padded_w, device=device)
-        cached = torch.cat([starts[:, None] + taps[None, :], one], dim=1).flatten()
+        rows = torch.cat([starts[:, None] + taps[None, :], one], dim=1)  # (L, K + 1)
+        cached = rows.T.contiguous().flatten()  # tap-major: entry k L + l
         _PATCH_INDEX_CACHE[key] = cached
     return cached, cached.shape[0] // (channels * conv.kernel_size[0] * conv.kernel_size[1] + 1)
 
@@ -135,42 +137,44 @@ class _ConvReLUMean(torch.autograd.Function):
     """``relu(conv(x))`` averaged over each sample's L output positions, with a fused backward.
 
     Input: the padded image flattened per sample with a trailing 1 (see :func:`_patch_index`),
-    (B, P + 1). The patches are gathered as rows (B L, K + 1) and ``weight`` ends with the bias
-    (one matrix product, no pass to add the bias). Backward, with the weight constant (a frozen
-    bank): the gradient of patch row l of sample b is :math:`\\sum_c 1[out_{blc} > 0]\\, g_{bc}
-    W_{c\\cdot} / L`: the activation turned in place into its sign times :math:`g_{bc} / L` (no
-    new B L x C tensor), ONE matrix product with W over all rows, and a scatter-add back to the
-    padded image (``index_add_``), instead of autograd's passes over the B L x C activations for
-    the mean's and the ReLU's backward and an ``unfold`` / ``fold`` pair. A second backward of a
-    retained graph recomputes the activation from the saved input.
+    (B, P + 1). The patches are gathered as (B, K + 1, L) and ``weight`` ends with the bias: one
+    product per sample, :math:`(C, K + 1) \\times (K + 1, L)`, whose (C, L) result stays in the
+    cache (one (B L, K + 1) x (K + 1, C) product is several times slower on the CPU), the mean
+    over L then a contiguous pass. Backward, with the weight constant (a frozen bank): the
+    gradient of patch entry (k, l) of sample b is :math:`\\sum_c W_{ck}\\, 1[out_{bcl} > 0]\\,
+    g_{bc} / L`: the activation turned in place into its sign times :math:`g_{bc} / L` (no new
+    B C L tensor), one product per sample with :math:`W^T`, and a scatter-add back to the padded
+    image (``index_add_``), instead of autograd's passes over the activations for the mean's and
+    the ReLU's backward and an ``unfold`` / ``fold`` pair. A second backward of a retained graph
+    recomputes the activation from the saved input.
     """
 
     @staticmethod
+    def _activation(flat: Tensor, weight: Tensor, index: Tensor, length: int) -> Tensor:
+        patches = torch.index_select(flat, 1, index).view(flat.shape[0], weight.shape[1], length)
+        return torch.matmul(weight, patches).clamp_min_(0.0)  # (B, C, L)
+
+    @staticmethod
     def forward(ctx: Any, flat: Tensor, weight: Tensor, index: Tensor, length: int) -> Tensor:
-        batch = flat.shape[0]
-        rows = torch.index_select(flat, 1, index).view(batch * length, weight.shape[1])
-        out = (rows @ weight.T).clamp_min_(0.0)  # (B L, C)
+        out = _ConvReLUMean._activation(flat, weight, index, length)
         ctx.save_for_backward(flat, weight, index)
         ctx.out = out  # consumed (overwritten) by the first backward
         ctx.length = length
-        return out.view(batch, length, weight.shape[0]).mean(dim=1)
+        return out.mean(dim=2)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         flat, weight, index = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        batch, length, channels = flat.shape[0], ctx.length, weight.shape[0]
         out, ctx.out = ctx.out, None
         if out is None:  # a second backward (retain_graph=True): the same activation again
-            rows = torch.index_select(flat, 1, index).view(batch * length, weight.shape[1])
-            out = (rows @ weight.T).clamp_min_(0.0)
-        scaled = out.view(batch, length, channels).sign_().mul_((grad / length)[:, None, :])
-        # (K + 1, C) @ (C, B L): the long dimension last, where the product is fastest
-        rows = torch.mm(weight.T, scaled.view(batch * length, channels).T)
+            out = _ConvReLUMean._activation(flat, weight, index, ctx.length)
+        scaled = out.sign_().mul_((grad / ctx.length)[:, :, None])  # (B, C, L)
+        patches = torch.matmul(weight.T, scaled)  # (B, K + 1, L), the index's order
         grad_flat = torch.zeros_like(flat)
-        grad_rows = rows.T.reshape(batch, index.shape[0])
-        return grad_flat.index_add_(1, index, grad_rows), None, None, None
+        grad_patches = patches.view(flat.shape[0], index.shape[0])
+        return grad_flat.index_add_(1, index, grad_patches), None, None, None
 
 
 def _relu_mean_of_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -222,11 +226,11 @@ class _ImageConv(torch.autograd.Function):
         taps = index.shape[0] // length  # C k_h k_w + 1 (the last: the bias' input, dropped)
         weight = conv.weight.flatten(1).to(grad.dtype)  # (C_out, C k_h k_w)
         weight = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], dim=1)
-        # (K + 1, C_out) @ (B, C_out, L) -> (B, K + 1, L), read in the index's (L, K + 1) order
+        # (K + 1, C_out) @ (B, C_out, L) -> (B, K + 1, L): the index's (tap-major) order
         rows = torch.matmul(weight.T, grad.reshape(batch, grad.shape[1], length))
         padded_h, padded_w = height + 2 * p_h, width + 2 * p_w
         flat = grad.new_zeros(batch, channels * padded_h * padded_w + 1)
-        flat.index_add_(1, index, rows.transpose(1, 2).reshape(batch, length * taps))
+        flat.index_add_(1, index, rows.reshape(batch, length * taps))
         padded = flat[:, :-1].view(batch, channels, padded_h, padded_w)
         return padded[:, :, p_h : p_h + height, p_w : p_w + width], None
 
