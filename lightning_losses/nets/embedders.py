@@ -320,13 +320,18 @@ def _mean_of_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     \\mathrm{conv}(x)_o = b + \\sum_{c, t} W_{\\cdot c t} P_{c t}`: the same sums in another
     order. A frozen convolution on a small input is folded into ONE (C H W, C_out) matrix
     (:func:`_folded_mean_weight`): one matrix product per call (the stride-1 3 x 3 convolution
-    at 2 x 2 then costs 9 / 4 times fewer multiplications); otherwise two small products.
-    Dilated or grouped convolutions are computed plainly.
+    at 2 x 2 then costs 9 / 4 times fewer multiplications); otherwise two small products. A
+    1 x 1 convolution is applied to the mean of its strided input. Dilated or grouped
+    convolutions are computed plainly.
     """
     if conv.dilation != (1, 1) or conv.groups != 1 or x.ndim != 4:
         return conv(x).mean(dim=(2, 3))
     batch, channels, height, width = x.shape
     bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    if conv.kernel_size == (1, 1) and conv.padding == (0, 0):  # the mean of the strided input
+        (s_h, s_w) = conv.stride
+        pooled = x[:, :, ::s_h, ::s_w].mean(dim=(2, 3))
+        return F.linear(pooled, conv.weight.flatten(1).to(x.dtype), bias)
     frozen = not conv.weight.requires_grad and (conv.bias is None or not conv.bias.requires_grad)
     if frozen and channels * height * width * conv.out_channels <= _MAX_FOLDED:
         folded = _folded_mean_weight(conv, height, width, x)
