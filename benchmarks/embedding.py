@@ -368,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         "--before", default=BEFORE_REF, help="commit of a second, later EL ('' to leave it out)"
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds (under a minute)")
+    parser.add_argument(
+        "--dmd-rounds", type=int, default=16, help="rounds of DMD cycles (default 16; --quick: 4)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS")
     parser.add_argument(
@@ -457,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     # Part 3: share of a DMD step
     teacher = build_teacher()
-    dmd_rounds = 4 if args.quick else 16
+    dmd_rounds = 4 if args.quick else args.dmd_rounds
     arms = {"no EL": make_dmd(teacher, None)}
     for key, impl in impls.items():
         arms[f"{names[key]} EL"] = make_dmd(teacher, build_el(impl, 1))
