@@ -320,9 +320,14 @@ def _ca_fit(data: CachedLogits, steps: int, batch_size: int, precompute: bool) -
         )
     )
     with torch.no_grad():
-        sample = slice(0, min(10_000, data.labels.shape[0]))
-        t = calibrator.temperature(data.logits[sample], data.view_logits[:, sample])
-    return elapsed, history, t
+        t = calibrator.temperature(*_sample(data))
+    return elapsed, history, t, calibrator
+
+
+def _sample(data: CachedLogits) -> tuple[Tensor, Tensor]:
+    """The logits and views of the first 10,000 rows (where T is compared)."""
+    sample = slice(0, min(10_000, data.labels.shape[0]))
+    return data.logits[sample], data.view_logits[:, sample]
 
 
 def _difference(a: Tensor, b: Tensor) -> str:
@@ -347,11 +352,11 @@ def ca_speedup(n: int, c: int, steps: int, batch_size: int, seed: int) -> str:
         _ca_fit(warm, 20, batch_size, precompute=precompute)
     train_ca_calibrator(warm, 20, batch_size)
     data = make_cached_logits(n, c, seed=seed)
-    new_a, new_hist, new_t = _ca_fit(data, steps, batch_size, precompute=True)
+    new_a, new_hist, new_t, new_cal = _ca_fit(data, steps, batch_size, precompute=True)
     old_s, old_loss, _ = train_ca_calibrator(data, steps, batch_size)
-    ref_s, ref_hist, ref_t = _ca_fit(data, steps, batch_size, precompute=False)
-    new_b, _, new_t_again = _ca_fit(data, steps, batch_size, precompute=True)
-    one_step_s, _, _ = _ca_fit(data, 1, batch_size, precompute=True)
+    ref_s, ref_hist, ref_t, ref_cal = _ca_fit(data, steps, batch_size, precompute=False)
+    new_b, _, new_t_again, _ = _ca_fit(data, steps, batch_size, precompute=True)
+    one_step_s = _ca_fit(data, 1, batch_size, precompute=True)[0]
     if not torch.equal(new_t, new_t_again):
         raise RuntimeError("two precomputed fits with the same seed differ")
     new_s = (new_a + new_b) / 2
@@ -359,13 +364,18 @@ def ca_speedup(n: int, c: int, steps: int, batch_size: int, seed: int) -> str:
     # per-step reference to rounding: the smaller check below).
     data64 = _as_float64(data)
     del data
-    truth_s, truth_hist, truth_t = _ca_fit(data64, steps, batch_size, precompute=True)
+    truth_s, truth_hist, truth_t, _ = _ca_fit(data64, steps, batch_size, precompute=True)
+    # The float32 fits' weights evaluated in float64: the part of their distance to the truth
+    # that the fit made, without the rounding of evaluating T in float32.
+    with torch.no_grad():
+        new_t_eval64 = new_cal.double().temperature(*_sample(data64))
+        ref_t_eval64 = ref_cal.double().temperature(*_sample(data64))
     del data64
     # Both float64 fits on a smaller problem: what is left between the float32 fits is rounding.
     small = _as_float64(make_cached_logits(10_000, c, seed=seed))
     small_steps = min(steps, 200)
-    _, _, ref64 = _ca_fit(small, small_steps, batch_size, precompute=False)
-    _, _, new64 = _ca_fit(small, small_steps, batch_size, precompute=True)
+    ref64 = _ca_fit(small, small_steps, batch_size, precompute=False)[2]
+    new64 = _ca_fit(small, small_steps, batch_size, precompute=True)[2]
     per_step_ms = 1e3 * (new_s - one_step_s) / max(steps - 1, 1)
     rows = [
         [
@@ -414,15 +424,20 @@ def ca_speedup(n: int, c: int, steps: int, batch_size: int, seed: int) -> str:
         + f"\nThe precomputed fit's time splits into {one_step_s:.2f} s of one-off work (a "
         f"1-step fit: input checks, the views' features, the (N, C) shifted logits) and "
         f"{per_step_ms:.2f} ms per step (the rest, over {steps - 1} steps). Per step: the "
-        "batch's B x C shifted logits gathered from the (N, C) cache (rows in random order), "
-        "five element-wise passes over them (divide by T, exp2, sum, multiply, sum: the "
-        "confidence and the moment of its closed-form gradient), then O(B) work: the MLP on "
-        "(B, 12) inputs, the CA objective and every gradient in closed form (no autograd "
-        "graph) and a fused Adam step.\n\n"
+        "batch's B x C shifted logits gathered from the (N, C) cache (rows in random order) and "
+        "scaled by log2(e) / T in one pass (`embedding_bag`), four element-wise passes over "
+        "them (exp2, sum, multiply, sum: the confidence and the moment of its closed-form "
+        "gradient), then O(B) work: the MLP on (B, 12) inputs (run as W x^T), the CA "
+        "objective's and every other gradient in closed form (no autograd graph) and a "
+        "fused Adam step.\n\n"
         f"The float64 truth is the same precomputed fit in float64 on the same data "
         f"({truth_s:.1f} s; last epoch's loss {truth_hist.train_loss[-1]:.7f}, float32 "
         f"reference {ref_hist.train_loss[-1]:.7f}, float32 precomputed "
-        f"{new_hist.train_loss[-1]:.7f}). On N = 10,000, C = {c:,}, {small_steps} steps, the "
+        f"{new_hist.train_loss[-1]:.7f}). With the float32 fits' weights evaluated in float64 "
+        "(no float32 rounding in computing T itself): reference "
+        f"{_difference(ref_t_eval64, truth_t)}, precomputed "
+        f"{_difference(new_t_eval64, truth_t)}. On N = 10,000, C = {c:,}, {small_steps} "
+        "steps, the "
         f"float64 precomputed and per-step fits differ by {_difference(new64, ref64)}: the "
         "differences between the float32 fits are float32 rounding (the closed form and exp2 "
         "against autograd's softmax and its backward), carried through the Adam steps.\n"
