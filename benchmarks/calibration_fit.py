@@ -305,6 +305,7 @@ def _ca_fit(data: CachedLogits, steps: int, batch_size: int, precompute: bool) -
     dtype = data.logits.dtype
     calibrator = CorrectnessAwareCalibrator(num_views=NUM_VIEWS, top_k=4, hidden=5).to(dtype)
     epochs = math.ceil(steps * batch_size / data.labels.shape[0]) + 1
+    cpu_start = time.process_time()
     elapsed, history = timed(
         lambda: fit_calibrator(
             calibrator,
@@ -319,9 +320,10 @@ def _ca_fit(data: CachedLogits, steps: int, batch_size: int, precompute: bool) -
             precompute=precompute,
         )
     )
+    cpu = time.process_time() - cpu_start
     with torch.no_grad():
         t = calibrator.temperature(*_sample(data))
-    return elapsed, history, t, calibrator
+    return elapsed, history, t, calibrator, cpu
 
 
 def _sample(data: CachedLogits) -> tuple[Tensor, Tensor]:
@@ -352,19 +354,21 @@ def ca_speedup(n: int, c: int, steps: int, batch_size: int, seed: int) -> str:
         _ca_fit(warm, 20, batch_size, precompute=precompute)
     train_ca_calibrator(warm, 20, batch_size)
     data = make_cached_logits(n, c, seed=seed)
-    new_a, new_hist, new_t, new_cal = _ca_fit(data, steps, batch_size, precompute=True)
+    new_a, new_hist, new_t, new_cal, new_a_cpu = _ca_fit(data, steps, batch_size, True)
+    old_cpu = time.process_time()
     old_s, old_loss, _ = train_ca_calibrator(data, steps, batch_size)
-    ref_s, ref_hist, ref_t, ref_cal = _ca_fit(data, steps, batch_size, precompute=False)
-    new_b, _, new_t_again, _ = _ca_fit(data, steps, batch_size, precompute=True)
+    old_cpu = time.process_time() - old_cpu
+    ref_s, ref_hist, ref_t, ref_cal, ref_cpu = _ca_fit(data, steps, batch_size, False)
+    new_b, _, new_t_again, _, new_b_cpu = _ca_fit(data, steps, batch_size, True)
     one_step_s = _ca_fit(data, 1, batch_size, precompute=True)[0]
     if not torch.equal(new_t, new_t_again):
         raise RuntimeError("two precomputed fits with the same seed differ")
-    new_s = (new_a + new_b) / 2
+    new_s, new_cpu = (new_a + new_b) / 2, (new_a_cpu + new_b_cpu) / 2
     # The float64 truth at full size: the precomputed fit in float64 (it equals the float64
     # per-step reference to rounding: the smaller check below).
     data64 = _as_float64(data)
     del data
-    truth_s, truth_hist, truth_t, _ = _ca_fit(data64, steps, batch_size, precompute=True)
+    truth_s, truth_hist, truth_t, _, _ = _ca_fit(data64, steps, batch_size, precompute=True)
     # The float32 fits' weights evaluated in float64: the part of their distance to the truth
     # that the fit made, without the rounding of evaluating T in float32.
     with torch.no_grad():
@@ -383,6 +387,8 @@ def ca_speedup(n: int, c: int, steps: int, batch_size: int, seed: int) -> str:
             f"{old_s:.1f}",
             f"{1e3 * old_s / steps:.2f}",
             f"{old_s / new_s:.1f}x",
+            f"{old_cpu:.1f}",
+            f"{old_cpu / new_cpu:.1f}x",
             "- (its own batch order)",
             "-",
         ],
@@ -391,6 +397,8 @@ def ca_speedup(n: int, c: int, steps: int, batch_size: int, seed: int) -> str:
             f"{ref_s:.1f}",
             f"{1e3 * ref_s / steps:.2f}",
             f"{ref_s / new_s:.1f}x",
+            f"{ref_cpu:.1f}",
+            f"{ref_cpu / new_cpu:.1f}x",
             "reference",
             _difference(ref_t, truth_t),
         ],
@@ -399,6 +407,8 @@ def ca_speedup(n: int, c: int, steps: int, batch_size: int, seed: int) -> str:
             f"autograd (mean of 2 runs: {new_a:.2f}, {new_b:.2f} s)",
             f"{new_s:.2f}",
             f"{1e3 * new_s / steps:.2f}",
+            "1.0x",
+            f"{new_cpu:.2f}",
             "1.0x",
             _difference(new_t, ref_t),
             _difference(new_t, truth_t),
@@ -409,13 +419,17 @@ def ca_speedup(n: int, c: int, steps: int, batch_size: int, seed: int) -> str:
         f"shuffled mini-batches of {batch_size}, float32; synthetic cached logits as in the "
         f"grid above (seed {seed}). A fit's time includes its one-off work (checks, features, "
         "shifted logits). One process, one run each (the fast one twice, before and after the "
-        "slow ones), on a machine shared with other jobs: read the ratios.\n\n"
+        "slow ones), on a machine shared with other jobs: read the ratios. CPU time "
+        "(`time.process_time`, one torch thread) leaves out the time the process waited for "
+        "a core, not the slow-down of sharing caches and memory.\n\n"
         + markdown_table(
             [
                 "CA fit",
                 "s / fit",
                 "ms / step",
                 "time / precomputed",
+                "CPU s / fit",
+                "CPU time / precomputed",
                 "max difference of T from the reference on 10,000 rows",
                 "max difference of T from the float64 fit",
             ],
