@@ -284,7 +284,13 @@ def run_part(part: str, args: argparse.Namespace, steps: dict[str, int]) -> str:
         every = max(1, total // 10)
         results: dict[str, list[dict]] = {}
         variances: dict[str, list[dict]] = {}
-        for name, (el, weight, overrides) in arms_of[part]().items():
+        arms = arms_of[part]()
+        unknown = sorted(set(args.arms or ()) - set(arms))
+        if unknown:
+            raise SystemExit(f"--arms: {unknown} are not arms of --part {part}: {list(arms)}")
+        for name, (el, weight, overrides) in arms.items():
+            if args.arms and name not in args.arms:
+                continue
             overrides = dict(overrides)
             data = {"batch_size": overrides.pop("_batch")} if "_batch" in overrides else None
             for seed in args.seeds:
@@ -294,29 +300,47 @@ def run_part(part: str, args: argparse.Namespace, steps: dict[str, int]) -> str:
                     model = r.pop("model")
                     v = generator_gradient_variance(model, real, (16, 64, 256), 8, seed=seed)
                     variances.setdefault(name, []).append(v)
+                r["seed"] = seed
                 results.setdefault(name, []).append(r)
                 print(f"{part} {framework} {name} seed {seed}: {r['fid']:.3f} "
                       f"({r['seconds']:.0f} s)", flush=True)  # fmt: skip
-        saved[framework] = {"steps": total, "runs": results, "variances": variances}
-    (args.out / f"{part}.json").write_text(json.dumps(saved, indent=1, default=str))
+                # after every run, so a stopped run keeps what it finished
+                saved[framework] = {"steps": total, "runs": results, "variances": variances}
+                (args.out / f"{part}.json").write_text(json.dumps(saved, indent=1, default=str))
     return part_tables(part, saved, args.out)
 
 
 def merge_parts(part: str, folders: list[Path]) -> dict[str, Any]:
-    """One ``<part>.json`` from runs of the same part with different seeds (seed order kept)."""
+    """One ``<part>.json`` from runs of one part split by seed or by arm (``--batch-sizes``):
+    each arm's runs sorted by seed so the arms stay paired; every arm must have each seed once."""
     merged: dict[str, Any] = {"seeds": [], "samples": None}
     for folder in folders:
         saved = json.loads((folder / f"{part}.json").read_text())
-        merged["seeds"] += saved.pop("seeds")
+        folder_seeds = saved.pop("seeds")
+        merged["seeds"] += [s for s in folder_seeds if s not in merged["seeds"]]
         merged["samples"] = saved.pop("samples")
         for framework, block in saved.items():
             target = merged.setdefault(framework, {"steps": block["steps"], "runs": {},
                                                    "variances": {}})  # fmt: skip
             if target["steps"] != block["steps"]:
                 raise ValueError(f"{folder}: {framework} ran another number of steps")
-            for key in ("runs", "variances"):
-                for name, rows in block[key].items():
-                    target[key].setdefault(name, []).extend(rows)
+            for name, rows in block["runs"].items():
+                # rows saved before they carried their seed ran in the folder's seed order
+                for seed, row in zip(folder_seeds, rows):
+                    row.setdefault("seed", seed)
+                target["runs"].setdefault(name, []).extend(rows)
+                variances = block["variances"].get(name, [])
+                for row, variance in zip(rows, variances):
+                    row["_variance"] = variance
+    merged["seeds"].sort()
+    for block in (b for k, b in merged.items() if k not in ("seeds", "samples")):
+        for name, rows in block["runs"].items():
+            if sorted(r["seed"] for r in rows) != merged["seeds"]:
+                raise ValueError(f"--merge: {name} ran seeds {[r['seed'] for r in rows]}, "
+                                 f"not each of {merged['seeds']} once")  # fmt: skip
+            rows.sort(key=lambda r: r["seed"])
+            if any("_variance" in r for r in rows):
+                block["variances"][name] = [r.pop("_variance") for r in rows]
     return merged
 
 
@@ -442,6 +466,12 @@ def main(argv: list[str] | None = None) -> None:
     parts = ["main", "ablation", "supplements", "batch", "equal-share", "di-auto", "variance"]
     parser.add_argument("--part", choices=parts, default=None, help="one part of the study")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help="with --part: run only these arms (by name, e.g. 'no EL, B=256'); merge the folders",
+    )
     parser.add_argument(
         "--merge",
         type=Path,

@@ -83,3 +83,56 @@ def test_batch_pairs_compare_each_batch_and_the_smaller_batches_with_the_largest
     assert f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" in rows["EL - no EL at B=16"]
     assert "+1.000, +2.200, +1.500" in rows["EL at B=16 - no EL at B=256"]
     assert "| hurts |" in rows["EL at B=16 - no EL at B=256"]
+
+
+def _write_part(folder, seeds, runs):
+    import json
+
+    folder.mkdir()
+    saved = {"seeds": seeds, "samples": 100, "DMD": {"steps": 10, "runs": runs, "variances": {}}}
+    (folder / "batch.json").write_text(json.dumps(saved))
+
+
+def test_merge_pairs_runs_split_by_arm_and_seed_by_their_seeds(tmp_path):
+    def run(seed, fid, tagged=True):
+        return {
+            "history": [(10, fid)],
+            "fid": fid,
+            "seconds": 1.0,
+            **({"seed": seed} if tagged else {}),
+        }
+
+    # one folder per (arms, seed), given in an order that is not the seeds' order
+    _write_part(tmp_path / "a1", [1], {"no EL, B=16": [run(1, 5.0)], "EL, B=16": [run(1, 4.0)]})
+    _write_part(tmp_path / "b0", [0], {"no EL, B=256": [run(0, 3.0)]})
+    _write_part(tmp_path / "a0", [0], {"no EL, B=16": [run(0, 6.0, tagged=False)],
+                                        "EL, B=16": [run(0, 5.5, tagged=False)]})  # fmt: skip
+    _write_part(tmp_path / "b1", [1], {"no EL, B=256": [run(1, 2.0)]})
+    folders = [tmp_path / name for name in ("a1", "b0", "a0", "b1")]
+    merged = el_study.merge_parts("batch", folders)
+    assert merged["seeds"] == [0, 1]
+    runs = merged["DMD"]["runs"]
+    assert [r["fid"] for r in runs["no EL, B=16"]] == [6.0, 5.0]  # seed 0 first
+    assert [r["seed"] for r in runs["EL, B=16"]] == [0, 1]  # untagged rows: the folder's seeds
+    assert [r["fid"] for r in runs["no EL, B=256"]] == [3.0, 2.0]
+    rows = {line.split("|")[1].strip(): line for line in el_study.batch_pairs(runs)[2:]}
+    assert "+2.500, +2.000" in rows["EL at B=16 - no EL at B=256"]  # 5.5 - 3.0, 4.0 - 2.0
+
+
+def test_merge_refuses_an_arm_that_misses_a_seed(tmp_path):
+    run = {"history": [(10, 1.0)], "fid": 1.0, "seconds": 1.0}
+    _write_part(tmp_path / "s0", [0], {"no EL, B=16": [run], "EL, B=16": [run]})
+    _write_part(tmp_path / "s1", [1], {"no EL, B=16": [run]})
+    with pytest.raises(ValueError, match=r"EL, B=16 ran seeds \[0\], not each of \[0, 1\]"):
+        el_study.merge_parts("batch", [tmp_path / "s0", tmp_path / "s1"])
+
+
+def test_arms_must_name_arms_of_the_part(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit, match=r"--arms: \['EL, B=32'\] are not arms"):
+            el_study.main(["--part", "batch", "--arms", "EL, B=32", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
