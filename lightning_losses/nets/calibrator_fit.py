@@ -11,8 +11,8 @@ split do not change during the fit, so everything that depends on them alone is 
   (:func:`~lightning_losses.losses.calibration.tempered_confidence`).
 
 For the stock :class:`~lightning_losses.nets.CorrectnessAwareCalibrator` (every parameter
-trainable) a CA step builds no autograd graph: the batch's rows of :math:`d` are gathered into
-a buffer and scaled by :math:`\\log_2 e / T_i` in place, the confidence and the moment
+trainable) a CA step builds no autograd graph: the batch's rows of :math:`d` are gathered and
+scaled by :math:`\\log_2 e / T_i` in one pass (``embedding_bag``), the confidence and the moment
 :math:`\\sum_k e_{ik} s_{ik}` of its gradient take four more element-wise passes, and every other
 gradient (the CA objective's, with per-row coefficients computed once per epoch, then the
 temperature network's) is closed-form O(B) work; every batch of an epoch is a slice of
@@ -257,13 +257,17 @@ def fit_calibrator(
     def closed_form_step(rows: Tensor, x: Tensor, y: Tensor, k: Tensor, out: Tensor) -> None:
         """One batch's CA step without autograd: ``x`` its features, ``y`` its correctness,
         ``k`` its :func:`_objective_coefficients`; sets every parameter's gradient in closed
-        form and writes twice the objective into the 0-dim ``out``. (B, C) work only in the
-        gather, its scaling and :func:`_confidence_and_moment`; the rest is O(B)."""
+        form and writes twice the objective into the 0-dim ``out``. (B, C) work only in
+        ``embedding_bag`` and :func:`_confidence_and_moment`; the rest is O(B)."""
         parts = calibrator._temperature_parts(x, dtype)
-        # s = d log2(e) / T: the batch's rows gathered into the buffer, then scaled in place
-        # (steadier and faster on the CPU than embedding_bag's fused gather-and-scale).
-        scaled = torch.index_select(shifted, 0, rows, out=gathered[: len(rows)])
-        scaled.mul_((LOG2_E / parts.temperature)[:, None])
+        # s = d log2(e) / T: the batch's rows gathered and scaled in one pass.
+        scaled = F.embedding_bag(
+            rows,
+            shifted,
+            offsets[: len(rows)],
+            mode="sum",
+            per_sample_weights=LOG2_E / parts.temperature,
+        )
         confidence, moment = _confidence_and_moment(scaled, work[: len(rows)])
         delta = confidence - y
         grad = k * delta  # dL/dc
@@ -280,6 +284,7 @@ def fit_calibrator(
         else None
     )
     work = torch.empty_like(gathered) if gathered is not None else None
+    offsets = torch.arange(batch_size, device=device)  # one row per bag of embedding_bag
     # The fused implementation (one kernel for every parameter) where torch has it.
     try:
         optimizer = torch.optim.Adam(params, lr=lr, fused=True)
