@@ -10,8 +10,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Let user-project modules in tests/ be imported by class_path, as a user's own package would be.
 sys.path.insert(0, str(Path(__file__).parent))
-# Test modules are imported as ``tests.<folder>.<module>`` (import mode importlib); processes
-# spawned by DDP tests unpickle functions by that name, so the repository root must be importable.
+# Test modules are imported as ``tests.<folder>.<module>`` (import mode importlib); the ddp_spawn
+# test's children unpickle functions by that name, so the repository root must be importable.
 sys.path.insert(1, str(Path(__file__).parents[1]))
 
 

@@ -1,9 +1,11 @@
 """Tiny fakes shared by the tests: data modules and networks small enough for 2 CPU cores.
 
-Torch-only helpers (no Lightning import, for spawned DDP children) live in :mod:`torch_fakes`.
+Torch-only helpers (no Lightning import) live in :mod:`torch_fakes`.
 """
 
 from __future__ import annotations
+
+import pickle
 
 import lightning as L
 import torch
@@ -22,6 +24,24 @@ QUIET = dict(
 )
 #: :data:`QUIET` as ``lightning-losses`` command-line overrides (``--trainer.logger=false``, ...).
 QUIET_ARGS = [f"--trainer.{key}={str(value).lower()}" for key, value in QUIET.items()]
+
+
+#: The 2-process CPU DDP strategies of the tests. Forked children inherit the imported modules;
+#: spawned ones re-import Lightning first (about 10 s of CPU each on a 2-core machine).
+#: test_classifier.py keeps one real ``ddp_spawn`` run, and :func:`assert_spawn_picklable`
+#: checks the rest of what spawn would send.
+DDP = "ddp_fork"
+DDP_FIND_UNUSED = "ddp_fork_find_unused_parameters_true"
+
+
+def assert_spawn_picklable(*objects: object) -> None:
+    """Each object (module, data module, callback) survives the pickling ``ddp_spawn`` does."""
+    for obj in objects:
+        restored = pickle.loads(pickle.dumps(obj))
+        assert type(restored) is type(obj)
+        if isinstance(obj, nn.Module):
+            for (name, a), (_, b) in zip(obj.state_dict().items(), restored.state_dict().items()):
+                assert torch.equal(a, b), name
 
 
 def quiet_trainer(**overrides: object) -> L.Trainer:

@@ -1,8 +1,7 @@
 """Torch-only test helpers: no Lightning import.
 
-Processes spawned by the DDP tests import the test module that holds their function, and with it
-whatever that module imports: a test whose children need only torch imports its helpers from
-here (:mod:`fakes` imports Lightning, several seconds per child on a small CPU).
+Kept free of Lightning so that a test whose processes need only torch does not import it
+(:mod:`fakes` imports Lightning: several seconds on a small CPU).
 """
 
 from __future__ import annotations
@@ -50,13 +49,13 @@ def _gloo_child(rank: int, function: Callable, world_size: int, port: int, out: 
 
 
 def run_gloo(function: Callable[[int], Any], world_size: int = 2) -> list[Any]:
-    """``function(rank)`` in ``world_size`` spawned processes joined in one gloo group.
+    """``function(rank)`` in ``world_size`` forked processes joined in one gloo group.
 
-    ``function`` must be a module-level function (the children import it by name); it returns
+    ``function`` runs in forked children (they inherit this process's imports); it returns
     tensors and plain containers (saved with ``torch.save``, read back with
     ``weights_only=True``). Returns the ranks' results, rank 0 first.
     """
     with tempfile.TemporaryDirectory(prefix="gloo_") as out:
         args = (function, world_size, _free_port(), out)
-        mp.start_processes(_gloo_child, args=args, nprocs=world_size, start_method="spawn")
+        mp.start_processes(_gloo_child, args=args, nprocs=world_size, start_method="fork")
         return [torch.load(Path(out) / f"{r}.pt", weights_only=True) for r in range(world_size)]

@@ -29,6 +29,7 @@ from lightning_losses.metrics.digits_fid import (
 )
 from lightning_losses.modules import DMDDistillation
 from lightning_losses.nets import SmallCNN
+from tests.fakes import DDP_FIND_UNUSED, assert_spawn_picklable
 from tests.fakes import QUIET as FAKE_QUIET
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ QUIET = {**FAKE_QUIET, "limit_val_batches": 0}
 
 
 # ------------------------------------------------------------------------------------------
-# Fakes (module level: ddp_spawn pickles them)
+# Fakes (module level, so that ddp_spawn could pickle them)
 
 
 class RealImages(L.LightningDataModule):
@@ -400,10 +401,11 @@ def test_ddp_two_processes_report_the_one_process_value(tmp_path):
     grids = SampleGridCallback(num_samples=4, every_n_steps=1, dirpath=str(tmp_path / "grids"))
     trainer = L.Trainer(
         **{**QUIET, "devices": 2},
-        strategy="ddp_spawn_find_unused_parameters_true",
+        strategy=DDP_FIND_UNUSED,
         max_epochs=1,
         callbacks=[fid, SameFIDOnEveryRank(fid), grids],
     )
+    assert_spawn_picklable(model, data, fid, grids)
     trainer.fit(model, data)
     assert int(model.generator_steps) == 2
     # the parent has rank 0's weights and metrics back: one process, the same samples

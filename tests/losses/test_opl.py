@@ -612,8 +612,8 @@ def test_gather_is_identity_without_process_group():
 
 # --------------------------------------------------------------------------------------------
 # Two real processes (gloo): the gathered loss equals the single-process loss on the global
-# batch, and gradients after DDP's average equal single-process gradients. One spawn for every
-# case (starting the processes is most of the cost).
+# batch, and gradients after DDP's average equal single-process gradients. One pair of processes
+# for every case (starting the processes is most of the cost).
 
 WORLD = 2
 # (abs_mode, rows per rank): uneven on purpose (the gather must pad and trim), and a rank with

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_losses.cli import main
 from lightning_losses.diffusion import EDMPrecond
 from lightning_losses.losses import EmbeddingLoss
-from tests.fakes import QUIET, tiny_edm_teacher
+from tests.fakes import DDP_FIND_UNUSED, QUIET, assert_spawn_picklable, tiny_edm_teacher
 
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
@@ -134,11 +134,12 @@ def assert_float32_finite(*networks: nn.Module) -> None:
 def fit_ddp(
     model: L.LightningModule,
     data: L.LightningDataModule,
-    strategy: str = "ddp_spawn_find_unused_parameters_true",
+    strategy: str = DDP_FIND_UNUSED,
     **same_weights: object,
 ) -> L.Trainer:
     """One epoch on two CPU processes; :class:`SameWeightsDifferentNoise` (``same_weights``)
     checks the ranks, and the generator must have moved."""
+    assert_spawn_picklable(model, data)
     before = state(model.generator)
     trainer = fit(
         model,

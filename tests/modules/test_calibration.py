@@ -2,7 +2,7 @@
 
 A frozen classifier, its cached logits, temperature scaling / CA / CE calibrators fitted through
 Lightning, test metrics equal to the functional ones on whole sets, checkpoints and configs
-through the CLI, bf16, and 2-process DDP (``ddp_spawn``, gloo) on the CPU.
+through the CLI, bf16, and 2-process DDP (``ddp_fork``, gloo) on the CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from fakes import TinyMLP, ToyImages, quiet_trainer
+from fakes import DDP, TinyMLP, ToyImages, assert_spawn_picklable, quiet_trainer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset, default_collate
 
@@ -88,7 +88,7 @@ class LogitsOnly(ScaledLogits, L.LightningModule):
 
 
 class Watchdog(L.Callback):
-    """Turns a hung (spawned) rank into a failure: it exits, printing every thread's stack."""
+    """Turns a hung rank into a failure: it exits, printing every thread's stack."""
 
     def __init__(self, seconds: float = 120.0) -> None:
         self.seconds = seconds
@@ -700,16 +700,17 @@ def test_calibration_callback_matches_functional_metrics(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# 11. Two processes (ddp_spawn, gloo) on the CPU.
+# 11. Two processes (ddp_fork, gloo) on the CPU.
 
 
 def _ddp_trainer(**kwargs) -> L.Trainer:
-    return quiet_trainer(devices=2, strategy="ddp_spawn", callbacks=[Watchdog()], **kwargs)
+    return quiet_trainer(devices=2, strategy=DDP, callbacks=[Watchdog()], **kwargs)
 
 
 def test_ddp_fit_and_test_match_one_process(net):
     data = _data(shifts=None, ood={"even": _flipped_digits(200)})
     module = PostHocCalibration(CorrectnessAwareCalibrator(3), 10, classifier=net, loss="ca")
+    assert_spawn_picklable(module, data)
     start = _state(module.calibrator)
     trainer = _ddp_trainer(max_epochs=2)
     trainer.fit(module, data)
@@ -744,6 +745,7 @@ def test_ddp_temperature_scaling_takes_the_same_lbfgs_steps_on_every_rank(net):
     # numbers of backward passes (each one an all-reduce under DDP) and deadlocked.
     data = _data(views=False, batch_size=4096, shifts=None)
     module = PostHocCalibration(TemperatureScaling(), 10, classifier=net, loss="ce")
+    assert_spawn_picklable(module, data)
     _ddp_trainer(max_epochs=1, limit_val_batches=0).fit(module, data)
 
     data.setup("fit")

@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import TinyMLP, ToyImages, quiet_trainer
+from fakes import DDP, TinyMLP, ToyImages, assert_spawn_picklable, quiet_trainer
 
 from lightning_losses.cli import LossesCLI, main
 from lightning_losses.datamodules import DigitsDataModule
@@ -183,7 +183,9 @@ def _global_first_batch(data: ToyImages, world: int = 2):
     return data.images[index], data.labels[index]
 
 
-def _ddp_step_and_reference(gather: bool) -> tuple[OPLClassifier, OPLClassifier, dict]:
+def _ddp_step_and_reference(
+    gather: bool, strategy: str = DDP
+) -> tuple[OPLClassifier, OPLClassifier, dict]:
     """One SGD step in 2 processes (8 rows each), and one on the 16-row global batch in this one.
 
     Returns (the DDP-trained model, the one-process reference, the starting state).
@@ -195,7 +197,7 @@ def _ddp_step_and_reference(gather: bool) -> tuple[OPLClassifier, OPLClassifier,
     reference = copy.deepcopy(model)
     start = copy.deepcopy(model.state_dict())
     data = ToyImages(num=32, num_classes=4, batch_size=8)  # 8 per rank = 16 global
-    trainer = quiet_trainer(max_steps=1, devices=2, strategy="ddp_spawn", limit_val_batches=0)
+    trainer = quiet_trainer(max_steps=1, devices=2, strategy=strategy, limit_val_batches=0)
     trainer.fit(model, data)
     # One process, the global batch: the union of both ranks' first batches.
     x, y = _global_first_batch(data)
@@ -206,7 +208,8 @@ def _ddp_step_and_reference(gather: bool) -> tuple[OPLClassifier, OPLClassifier,
 
 
 def test_ddp_step_equals_single_process_step():
-    model, reference, start = _ddp_step_and_reference(gather=True)
+    # The one real ddp_spawn run of the suite (the others fork: see tests/fakes.DDP).
+    model, reference, start = _ddp_step_and_reference(gather=True, strategy="ddp_spawn")
     moved = False
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, reference.state_dict()[name], rtol=0, atol=1e-6)
@@ -503,15 +506,16 @@ def test_ddp_ranks_hold_the_same_weights_as_one_process(tmp_path):
     # k low so that after one short epoch some weights are 1 and some 0
     model = _truncated(prune_start_epoch=1, prune_every=1, k=0.12)
     data = _noisy_digits(batch_size=32)
+    assert_spawn_picklable(model, data)
     trainer = quiet_trainer(
         max_epochs=2,
         devices=2,
-        strategy="ddp_spawn",
+        strategy=DDP,
         limit_val_batches=0,
         callbacks=[_SaveAtEpochStart(str(tmp_path), epoch=1)],
     )
     trainer.fit(model, data)
-    data.setup()  # the splits were built in the spawned processes
+    data.setup()  # the splits were built in the child processes
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert rank0["sample_weights"].numel() == len(data.train_dataset) > 0

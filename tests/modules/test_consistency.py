@@ -29,6 +29,7 @@ from lightning_losses.losses import (
     pseudo_huber_c,
 )
 from lightning_losses.modules import ConsistencyDistillation
+from tests.fakes import DDP
 from tests.fakes import tiny_edm_teacher as tiny_teacher
 from tests.modules import distillation_helpers as dh
 
@@ -409,13 +410,13 @@ def test_bf16_mixed_steps_stay_finite():
     dh.assert_float32_finite(model.generator, model.target, model.generator_ema)
 
 
-def test_ddp_spawn_two_processes_cpu():
+def test_ddp_two_processes_cpu():
     L.seed_everything(0)
     model = cd(el_weight=0.5, target_decay=0.9)
     trainer = dh.fit_ddp(  # 2 steps on each rank
         model,
         RealImages(num=16, batch_size=4),
-        "ddp_spawn",
+        DDP,
         networks=("generator", "target"),
         pair_noise=True,
     )

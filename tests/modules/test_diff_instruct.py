@@ -206,7 +206,7 @@ def test_bf16_mixed_steps_stay_finite():
     dh.assert_float32_finite(model.generator, model.fake_denoiser, model.generator_ema)
 
 
-def test_ddp_spawn_two_processes_cpu():
+def test_ddp_two_processes_cpu():
     L.seed_everything(0)
     # The automatic EL weight reduces its gradient norms over the ranks (one weight for all).
     model = di(el_weight=0.5, el_weight_mode="auto")

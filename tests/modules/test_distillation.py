@@ -300,7 +300,7 @@ def test_bf16_mixed_steps_stay_finite():
     dh.assert_float32_finite(model.generator, model.fake_denoiser, model.generator_ema)
 
 
-def test_ddp_spawn_two_processes_cpu():
+def test_ddp_two_processes_cpu():
     L.seed_everything(0)
     model = dmd(fake_updates_per_generator=2, el_weight=0.5)
     trainer = dh.fit_ddp(model, dh.TinyImages(num=32, batch_size=4))  # 4 steps on each rank

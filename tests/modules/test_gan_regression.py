@@ -22,7 +22,7 @@ from lightning_losses.modules import (
     GANSupplement,
     RegressionSupplement,
 )
-from tests.fakes import quiet_trainer
+from tests.fakes import DDP_FIND_UNUSED, assert_spawn_picklable, quiet_trainer
 from tests.fakes import tiny_edm_teacher as tiny_teacher
 from tests.modules import distillation_helpers as dh
 
@@ -131,13 +131,13 @@ def test_gan_class_conditional_and_consistency_errors():
 
 
 @pytest.mark.ddp
-def test_gan_ddp_spawn_two_processes():
+def test_gan_ddp_two_processes():
     L.seed_everything(0)
     model = gan_dmd()
-    trainer = quiet_trainer(
-        devices=2, strategy="ddp_spawn_find_unused_parameters_true", max_epochs=1
-    )
-    trainer.fit(model, dh.TinyImages(num=16, batch_size=4))  # 2 steps on each rank
+    data = dh.TinyImages(num=16, batch_size=4)  # 2 steps on each rank
+    assert_spawn_picklable(model, data)
+    trainer = quiet_trainer(devices=2, strategy=DDP_FIND_UNUSED, max_epochs=1)
+    trainer.fit(model, data)
     assert int(model.generator_steps) == 2
     assert math.isfinite(float(trainer.callback_metrics["train/gan_d_loss"]))
 
@@ -224,9 +224,10 @@ class SameGenerator(L.Callback):
 @pytest.mark.ddp
 def test_regression_with_an_automatic_weight_under_ddp(tmp_path):
     model = regression_dmd(tmp_path, 0.5, "auto")
+    assert_spawn_picklable(model)
     trainer = quiet_trainer(
         devices=2,
-        strategy="ddp_spawn_find_unused_parameters_true",
+        strategy=DDP_FIND_UNUSED,
         max_epochs=1,
         callbacks=[SameGenerator()],
     )

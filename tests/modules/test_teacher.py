@@ -12,7 +12,7 @@ import torch
 
 from lightning_losses.diffusion import EDMPrecond
 from lightning_losses.modules import DiffusionTeacher
-from tests.fakes import ToyImages
+from tests.fakes import DDP, ToyImages, assert_spawn_picklable
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "distillation" / "digits_teacher.yaml"
 QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
@@ -401,17 +401,19 @@ def test_bf16_mixed_fit_stays_finite():
 def test_two_process_ddp_fit_runs():
     teacher = _teacher(ema_decay=0.5)
     start = _state(teacher.ema)
+    data = SymmetricImages(num=32, batch_size=8)
+    assert_spawn_picklable(teacher, data)
     trainer = L.Trainer(
         max_steps=2,
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy=DDP,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
         **QUIET,
     )
-    trainer.fit(teacher, SymmetricImages(num=32, batch_size=8))
+    trainer.fit(teacher, data)
     assert torch.isfinite(trainer.callback_metrics["val/loss_ema"])
     ema = _state(teacher.ema)  # the weights come back from rank 0
     assert all(torch.isfinite(v).all() for v in ema.values())
