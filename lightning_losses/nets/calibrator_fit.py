@@ -16,8 +16,10 @@ scaled by :math:`\\log_2 e / T_i` in one pass (``embedding_bag``), the confidenc
 :math:`\\sum_k e_{ik} s_{ik}` of its gradient take four more element-wise passes, and every other
 gradient (the CA objective's, with per-row coefficients computed once per epoch, then the
 temperature network's) is closed-form O(B) work; every batch of an epoch is a slice of
-the epoch's features and correctness, gathered once. Other calibrators take autograd on the
-same precomputed inputs.
+the epoch's features and correctness, gathered once; Adam's update runs on the four parameters
+viewed as one flat vector (:class:`_FlatAdam`: ``torch.optim.Adam``'s arithmetic without its
+per-step overhead, several times the rest of the O(B) work). Other calibrators take autograd
+and ``torch.optim.Adam`` on the same precomputed inputs.
 
 ``precompute=False`` recomputes all of it every step through the calibrator's ``forward`` and
 :func:`~lightning_losses.losses.calibration.correctness_aware_loss`: the slow reference, which
@@ -99,6 +101,62 @@ def epoch_batches(
     ``DataLoader(shuffle=True)``). :func:`fit_calibrator` draws its batches so."""
     order, bounds = _epoch_order(n, batch_size, generator, drop_last)
     return [order[start:stop] for start, stop in bounds]
+
+
+class _FlatAdam:
+    """``torch.optim.Adam(params, lr)`` with its defaults (betas 0.9 / 0.999, eps 1e-8, no
+    weight decay), its single-tensor arithmetic on the parameters viewed as ONE flat vector:
+
+    .. math::
+
+        m \\leftarrow m + (1 - \\beta_1)(g - m), \\quad
+        v \\leftarrow \\beta_2 v + (1 - \\beta_2) g^2, \\quad
+        \\theta \\leftarrow \\theta - \\frac{\\eta}{1 - \\beta_1^t}
+        \\frac{m}{\\sqrt{v} / \\sqrt{1 - \\beta_2^t} + \\epsilon}.
+
+    Six element-wise calls per step, against ``torch.optim.Adam.step``'s bookkeeping (several
+    times the closed-form step's own O(B) work for a calibrator's four small tensors). The
+    parameters' ``.data`` become views of the flat vector until :meth:`release`.
+    """
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float) -> None:
+        self.params, self.lr, self.steps = params, lr, 0
+        self.flat = torch.cat([p.detach().reshape(-1) for p in params])
+        self.grad = torch.zeros_like(self.flat)
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg_sq = torch.zeros_like(self.flat)
+        start = 0
+        for p in params:
+            p.data = self.flat[start : start + p.numel()].view_as(p)
+            start += p.numel()
+
+    @staticmethod
+    def supports(params: list[torch.nn.Parameter]) -> bool:
+        """One dtype and device, dense: what one flat vector can hold."""
+        first = params[0]
+        return all(
+            p.dtype == first.dtype and p.device == first.device and p.layout == torch.strided
+            for p in params
+        )
+
+    def step(self, grads: list[Tensor]) -> None:
+        """One update with the parameters' gradients ``grads`` (in their order)."""
+        torch.cat([g.reshape(-1) for g in grads], out=self.grad)
+        self.steps += 1
+        beta1, beta2 = self.BETAS
+        self.exp_avg.lerp_(self.grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(self.grad, self.grad, value=1 - beta2)
+        step_size = self.lr / (1 - beta1**self.steps)
+        denom = (self.exp_avg_sq.sqrt() / (1 - beta2**self.steps) ** 0.5).add_(self.EPS)
+        self.flat.addcdiv_(self.exp_avg, denom, value=-step_size)
+
+    def release(self) -> None:
+        """Give every parameter its own storage again."""
+        for p in self.params:
+            p.data = p.data.clone()
 
 
 def _holdout_split(n: int, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -256,8 +314,8 @@ def fit_calibrator(
 
     def closed_form_step(rows: Tensor, x: Tensor, y: Tensor, k: Tensor, out: Tensor) -> None:
         """One batch's CA step without autograd: ``x`` its features, ``y`` its correctness,
-        ``k`` its :func:`_objective_coefficients`; sets every parameter's gradient in closed
-        form and writes twice the objective into the 0-dim ``out``. (B, C) work only in
+        ``k`` its :func:`_objective_coefficients`; every parameter's gradient in closed form,
+        then Adam's update; writes twice the objective into the 0-dim ``out``. (B, C) work only in
         ``embedding_bag`` and :func:`_confidence_and_moment`; the rest is O(B)."""
         parts = calibrator._temperature_parts(x, dtype)
         # s = d log2(e) / T: the batch's rows gathered and scaled in one pass.
@@ -273,8 +331,7 @@ def fit_calibrator(
         grad = k * delta  # dL/dc
         torch.dot(grad, delta, out=out)
         grad_t = _confidence_vjp(grad, confidence, moment, parts.temperature)
-        for param, g in zip(params, calibrator._temperature_backward(parts, grad_t)):
-            param.grad = g
+        flat_adam.step(calibrator._temperature_backward(parts, grad_t))
 
     # Preallocated (B, C) buffers: a fresh 4 MB tensor every step costs page faults.
     width = (batch_size if not len(holdout_rows) else max(batch_size, len(holdout_rows)),)
@@ -285,6 +342,8 @@ def fit_calibrator(
     )
     work = torch.empty_like(gathered) if gathered is not None else None
     offsets = torch.arange(batch_size, device=device)  # one row per bag of embedding_bag
+    closed_form = closed_form and _FlatAdam.supports(params)
+    flat_adam = _FlatAdam(params, lr) if closed_form else None
     # The fused implementation (one kernel for every parameter) where torch has it.
     try:
         optimizer = torch.optim.Adam(params, lr=lr, fused=True)
@@ -298,53 +357,59 @@ def fit_calibrator(
         correct[holdout_rows].mean() if weighting == "split" and len(holdout_rows) else None
     )
     calibrator.train()
-    with torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
-        while epoch < epochs and (max_steps is None or steps < max_steps):
-            epoch += 1
-            total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-            order, bounds = _epoch_order(len(train_rows), batch_size, generator, drop_last)
-            epoch_rows = train_rows[order].to(device)
-            if closed_form and bounds:  # this epoch's rows in batch order: a batch is a slice
-                x_epoch = features.index_select(0, epoch_rows[: bounds[-1][1]])
-                y_epoch = correct.index_select(0, epoch_rows[: bounds[-1][1]])
-                sizes = [stop - start for start, stop in bounds]
-                k_epoch = _objective_coefficients(y_epoch, sizes, weighting, split_accuracy)
-                doubled = torch.empty(len(bounds), dtype=dtype, device=device)
-            taken = 0  # batches of this epoch done
-            for start, stop in bounds:
-                if max_steps is not None and steps >= max_steps:
-                    break
-                rows = epoch_rows[start:stop]
-                if closed_form:
-                    with torch.no_grad():
-                        x, y, k = x_epoch[start:stop], y_epoch[start:stop], k_epoch[start:stop]
-                        closed_form_step(rows, x, y, k, doubled[taken])
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = loss_of(rows, split_accuracy)
-                    loss.backward()
-                    total += loss.detach().double() * (stop - start)  # no host copy per step
-                optimizer.step()
-                steps += 1
-                taken += 1
-                count += stop - start
-            if closed_form and taken:  # the batches' losses, weighted by their sizes
-                done = torch.tensor(sizes[:taken], dtype=torch.float64, device=device)
-                total += (doubled[:taken].double() * done).sum() / 2
-            train_losses.append(float(total) / max(count, 1))
-            if len(holdout_rows):
-                with torch.no_grad():
-                    rows = holdout_rows.to(device)
-                    if selection == "nll":
-                        views = view_logits[:, rows] if needs_views else None
-                        value = float(F.cross_entropy(calibrator(z[rows], views), targets[rows]))
+    try:
+        with torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
+            while epoch < epochs and (max_steps is None or steps < max_steps):
+                epoch += 1
+                total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+                order, bounds = _epoch_order(len(train_rows), batch_size, generator, drop_last)
+                epoch_rows = train_rows[order].to(device)
+                if closed_form and bounds:  # this epoch's rows in batch order: a batch is a slice
+                    x_epoch = features.index_select(0, epoch_rows[: bounds[-1][1]])
+                    y_epoch = correct.index_select(0, epoch_rows[: bounds[-1][1]])
+                    sizes = [stop - start for start, stop in bounds]
+                    k_epoch = _objective_coefficients(y_epoch, sizes, weighting, split_accuracy)
+                    doubled = torch.empty(len(bounds), dtype=dtype, device=device)
+                taken = 0  # batches of this epoch done
+                for start, stop in bounds:
+                    if max_steps is not None and steps >= max_steps:
+                        break
+                    rows = epoch_rows[start:stop]
+                    if closed_form:
+                        with torch.no_grad():
+                            x, y, k = x_epoch[start:stop], y_epoch[start:stop], k_epoch[start:stop]
+                            closed_form_step(rows, x, y, k, doubled[taken])
                     else:
-                        value = float(loss_of(rows, holdout_accuracy))
-                holdout_losses.append(value)
-                if best is None or value < best[0]:
-                    best = (value, epoch, copy.deepcopy(calibrator.state_dict()))
-                elif patience is not None and epoch - best[1] >= patience:
-                    break
+                        optimizer.zero_grad(set_to_none=True)
+                        loss = loss_of(rows, split_accuracy)
+                        loss.backward()
+                        total += loss.detach().double() * (stop - start)  # no host copy per step
+                        optimizer.step()
+                    steps += 1
+                    taken += 1
+                    count += stop - start
+                if closed_form and taken:  # the batches' losses, weighted by their sizes
+                    done = torch.tensor(sizes[:taken], dtype=torch.float64, device=device)
+                    total += (doubled[:taken].double() * done).sum() / 2
+                train_losses.append(float(total) / max(count, 1))
+                if len(holdout_rows):
+                    with torch.no_grad():
+                        rows = holdout_rows.to(device)
+                        if selection == "nll":
+                            views = view_logits[:, rows] if needs_views else None
+                            value = float(
+                                F.cross_entropy(calibrator(z[rows], views), targets[rows])
+                            )
+                        else:
+                            value = float(loss_of(rows, holdout_accuracy))
+                    holdout_losses.append(value)
+                    if best is None or value < best[0]:
+                        best = (value, epoch, copy.deepcopy(calibrator.state_dict()))
+                    elif patience is not None and epoch - best[1] >= patience:
+                        break
+    finally:
+        if flat_adam is not None:
+            flat_adam.release()
     calibrator.eval()
     if not all(math.isfinite(v) for v in train_losses):
         raise FloatingPointError(

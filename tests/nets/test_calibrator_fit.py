@@ -13,7 +13,7 @@ from lightning_losses.losses.calibration import (
     tempered_confidence,
 )
 from lightning_losses.nets import CorrectnessAwareCalibrator, TemperatureScaling
-from lightning_losses.nets.calibrator_fit import epoch_batches, fit_calibrator
+from lightning_losses.nets.calibrator_fit import _FlatAdam, epoch_batches, fit_calibrator
 
 
 def _problem(n=300, c=7, v=3, seed=0, dtype=torch.float64):
@@ -280,6 +280,36 @@ def test_closed_form_autograd_and_reference_fits_agree(monkeypatch, weighting, d
         torch.testing.assert_close(temps[0], temps[other], rtol=1e-10, atol=1e-12)
         assert losses[0] == pytest.approx(losses[other], rel=1e-10)
     assert (temps[0] - 1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flat_adam_takes_torch_adams_steps(dtype):
+    """The closed-form fit's Adam: the updates of ``torch.optim.Adam`` (single-tensor), step
+    for step, with the parameters as views of one vector until ``release``."""
+    torch.manual_seed(0)
+    ours = CorrectnessAwareCalibrator(3).to(dtype)
+    theirs = CorrectnessAwareCalibrator(3).to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    params, reference = list(ours.parameters()), list(theirs.parameters())
+    adam = _FlatAdam(params, lr=3e-2)
+    torch_adam = torch.optim.Adam(reference, lr=3e-2, foreach=False)
+    assert all(p.untyped_storage().data_ptr() == adam.flat.data_ptr() for p in params)
+    g = torch.Generator().manual_seed(1)
+    for step in range(25):
+        grads = [torch.randn(p.shape, generator=g, dtype=dtype) * 10.0**-step for p in params]
+        adam.step(grads)
+        for p, grad in zip(reference, grads):
+            p.grad = grad.clone()
+        torch_adam.step()
+        for a, b in zip(params, reference):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    adam.release()
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    assert len(storages) == len(params) and adam.flat.data_ptr() not in storages
+    for a, b in zip(params, reference):
+        assert torch.equal(a, b)
+    assert _FlatAdam.supports(params)
+    assert not _FlatAdam.supports([params[0], params[1].detach().half().requires_grad_()])
 
 
 def test_fit_with_a_frozen_layer_uses_autograd_and_keeps_it():
