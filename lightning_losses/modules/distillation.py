@@ -21,7 +21,8 @@ DMD and Diff-Instruct; consistency distillation derives from the base. The gener
 
 Under DDP a step leaves parameters without gradient (the generator is not updated at every
 step, or a second network is): use ``strategy="ddp_find_unused_parameters_true"`` in scripts and
-``"ddp_spawn_find_unused_parameters_true"`` in notebooks / pytest.
+``"ddp_fork_find_unused_parameters_true"`` (or its ``ddp_spawn`` twin) in notebooks / pytest on
+the CPU.
 """
 
 from __future__ import annotations

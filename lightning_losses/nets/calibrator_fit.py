@@ -5,6 +5,8 @@ split do not change during the fit, so everything that depends on them alone is 
 
 - the calibrator's inputs (:meth:`~lightning_losses.nets.CorrectnessAwareCalibrator.features`:
   every view's softmax at the original top-k classes), so no step touches the (V, N, C) views;
+- one sorted top-k of the logits gives the calibrator's top classes, the row maxima and the
+  predictions (the argmax itself only in rows whose top two logits tie);
 - for the CA objective, the shifted logits :math:`d_i = z_i - \\max_k z_{ik}` and the correctness
   :math:`y_i`, so that a step's confidence :math:`c_i = 1 / \\sum_k \\exp(d_{ik} / T_i)` is one pass
   over the batch's logits with a closed-form gradient
@@ -36,8 +38,9 @@ Imports torch only.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +162,30 @@ class _FlatAdam:
             p.data = p.data.clone()
 
 
+def _top_classes(z: Tensor, calibrator: TemperatureCalibrator) -> Any:
+    """``z.topk(top_k)`` for a calibrator whose :meth:`features` take ``top`` (k >= 2, so that
+    it also gives the argmax: see :func:`_max_and_argmax`), else None."""
+    k = getattr(calibrator, "top_k", None)
+    takes_top = "top" in inspect.signature(calibrator.features).parameters
+    if not takes_top or not isinstance(k, int) or not 2 <= k <= z.shape[1]:
+        return None
+    return z.topk(k, dim=1, sorted=True)
+
+
+def _max_and_argmax(z: Tensor, top: Any) -> tuple[Tensor, Tensor]:
+    """Every row's maximum and ``argmax`` (its FIRST maximal index), from a sorted top-k
+    (k >= 2) when one is given: its first entry, except in rows whose top two values tie, where
+    ``argmax`` itself decides (the top-k's order among ties is not specified)."""
+    if top is None:
+        return z.amax(dim=1), z.argmax(dim=1)
+    values, indices = top
+    predicted = indices[:, 0].clone()
+    tied = values[:, 0] == values[:, 1]
+    if bool(tied.any()):
+        predicted[tied] = z[tied].argmax(dim=1)
+    return values[:, 0], predicted
+
+
 def _holdout_split(n: int, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``(train rows, held-out rows)``: ``round(fraction * n)`` random rows held out."""
     size = int(round(fraction * n))
@@ -265,13 +292,20 @@ def fit_calibrator(
     with torch.no_grad():
         z = logits.detach().to(dtype)
         targets = labels.long()
-        correct = (z.argmax(dim=1) == targets).to(dtype)
+        fast_inputs = precompute and hasattr(calibrator, "temperature_from_features")
+        features_needed = needs_views and fast_inputs
+        top = _top_classes(z, calibrator) if features_needed else None
+        row_max, predicted = _max_and_argmax(z, top)
+        correct = (predicted == targets).to(dtype)
         shifted = None
         if objective == "ca":  # d = z - max_k z_k (row max exactly 0), in one (N, C) allocation
             shifted = torch.empty(z.shape, dtype=dtype, device=device)
-            torch.sub(z, z.amax(dim=1, keepdim=True), out=shifted)
-        fast_inputs = precompute and hasattr(calibrator, "temperature_from_features")
-        features = calibrator.features(z, view_logits) if needs_views and fast_inputs else None
+            torch.sub(z, row_max[:, None], out=shifted)
+        if features_needed:
+            topk_indices = None if top is None else top.indices
+            features = calibrator.features(z, view_logits, topk_indices)
+        else:
+            features = None
     split_accuracy = correct[train_rows].mean() if weighting == "split" else None
     closed_form_params = getattr(calibrator, "_closed_form_parameters", lambda: None)()
     closed_form = (

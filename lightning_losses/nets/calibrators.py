@@ -425,15 +425,25 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
                 f"top_k={self.top_k} must be <= the number of classes C = {logits.shape[1]}"
             )
 
-    def features(self, logits: Tensor, view_logits: Tensor | None) -> Tensor:
+    def features(
+        self, logits: Tensor, view_logits: Tensor | None, top: Tensor | None = None
+    ) -> Tensor:
         """The (N, k V) MLP input: each view's softmax at the original top-k, view-major.
 
         ``out[i, j * k + r] = softmax(view_logits[j, i])[topk(logits[i])[r]]``, in the working
-        dtype (at least float32).
+        dtype (at least float32). ``top``: the (N, k) indices ``logits.topk(k).indices``
+        when the caller has them already (a fit that also needs the row maxima).
         """
         self._check_views(logits, view_logits)
         dtype = self._working_dtype(logits)
         n, k = logits.shape[0], self.top_k
+        if top is not None and (
+            top.shape != (n, k) or top.dtype != torch.long or top.device != logits.device
+        ):
+            raise ValueError(
+                f"top must be the (N, top_k) = ({n}, {k}) int64 indices of logits.topk(top_k) on "
+                f"{logits.device}, got {tuple(top.shape)} {top.dtype} on {top.device}"
+            )
         out = torch.empty(n, self.num_views * k, dtype=dtype, device=logits.device)
         # In chunks of rows, one view at a time: a softmax of all N rows at once would need
         # V * N * C extra numbers (600 MB at N = 50,000, C = 1000, V = 3), and one over
@@ -443,10 +453,13 @@ class CorrectnessAwareCalibrator(TemperatureCalibrator):
         with torch.no_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
             for start in range(0, n, chunk):
                 rows = slice(start, start + chunk)
-                top = logits[rows].detach().topk(k, dim=1, largest=True, sorted=True).indices
+                if top is None:
+                    classes = logits[rows].detach().topk(k, dim=1, sorted=True).indices
+                else:
+                    classes = top[rows]
                 for j in range(self.num_views):
                     probs = torch.softmax(view_logits[j, rows].detach().to(dtype), dim=-1)
-                    out[rows, j * k : (j + 1) * k] = probs.gather(1, top)
+                    out[rows, j * k : (j + 1) * k] = probs.gather(1, classes)
         return out
 
     def _check_features(self, logits: Tensor, features: Tensor) -> None:

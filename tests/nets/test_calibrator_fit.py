@@ -13,7 +13,13 @@ from lightning_losses.losses.calibration import (
     tempered_confidence,
 )
 from lightning_losses.nets import CorrectnessAwareCalibrator, TemperatureScaling
-from lightning_losses.nets.calibrator_fit import _FlatAdam, epoch_batches, fit_calibrator
+from lightning_losses.nets.calibrator_fit import (
+    _FlatAdam,
+    _max_and_argmax,
+    _top_classes,
+    epoch_batches,
+    fit_calibrator,
+)
 
 
 def _problem(n=300, c=7, v=3, seed=0, dtype=torch.float64):
@@ -310,6 +316,28 @@ def test_flat_adam_takes_torch_adams_steps(dtype):
         assert torch.equal(a, b)
     assert _FlatAdam.supports(params)
     assert not _FlatAdam.supports([params[0], params[1].detach().half().requires_grad_()])
+
+
+def test_one_topk_gives_the_row_max_argmax_and_the_features_even_with_ties():
+    z, _, views = _problem(n=200, c=6)
+    z = z.float()
+    z[:40] = z[:40].round()  # integer logits: ties at the top, in either order of the indices
+    z[40:50] = 0.0  # all classes tied
+    z[50:60, 2:4] = 9.0  # the maximum twice, not first
+    cal = CorrectnessAwareCalibrator(3, top_k=4)
+    top = _top_classes(z, cal)
+    assert top is not None and top.indices.shape == (200, 4)
+    row_max, predicted = _max_and_argmax(z, top)
+    assert torch.equal(row_max, z.amax(dim=1)) and torch.equal(predicted, z.argmax(dim=1))
+    assert (top.values[:, 0] == top.values[:, 1]).sum() >= 20  # the tie branch was taken
+    views = views.float()
+    torch.testing.assert_close(cal.features(z, views, top.indices), cal.features(z, views))
+    assert _top_classes(z, CorrectnessAwareCalibrator(3, top_k=1)) is None  # no tie test at k = 1
+    row_max, predicted = _max_and_argmax(z, None)
+    assert torch.equal(predicted, z.argmax(dim=1))
+    for bad in (top.indices[:, :3], top.indices.int(), top.indices[:-1]):
+        with pytest.raises(ValueError, match=r"top must be the \(N, top_k\) = \(200, 4\) int64"):
+            cal.features(z, views, bad)
 
 
 def test_fit_with_a_frozen_layer_uses_autograd_and_keeps_it():
