@@ -24,6 +24,17 @@ def check_diffusion_images(
         True when the batch lies in [0, 1], which is most likely unscaled data: the caller
         decides whether to warn. Reads two scalars in one device synchronisation.
     """
+    low, high = diffusion_image_extremes(images, channels, size, role).float().tolist()
+    return check_diffusion_range(low, high, role)
+
+
+def diffusion_image_extremes(
+    images: Tensor, channels: int, size: tuple[int, int] | None, role: str = "images"
+) -> Tensor:
+    """:func:`check_diffusion_images` without its host read: the layout checks (raising as
+    it does), then the batch's ``(min, max)`` as a (2,) tensor on its device, NOT read; give
+    them to :func:`check_diffusion_range` once read (a caller that reads several checks at
+    once)."""
     if not isinstance(images, Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"{role} must be a (B, C, H, W) tensor, got {shape}")
@@ -39,7 +50,12 @@ def check_diffusion_images(
             f"the {role} are {tuple(images.shape[-2:])} but the teacher's sample_size is "
             f"{tuple(size)}: set the data's image size to the teacher's"
         )
-    low, high = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one host read
+    return torch.stack(torch.aminmax(images.detach()))
+
+
+def check_diffusion_range(low: float, high: float, role: str = "images") -> bool:
+    """Raise ValueError unless ``[low, high]`` (a batch's extremes) lies in [-1, 1] to within
+    :data:`RANGE_TOLERANCE` (NaN fails too); True when it lies in [0, 1]."""
     if not (low >= -1 - RANGE_TOLERANCE and high <= 1 + RANGE_TOLERANCE):  # NaN fails too
         raise ValueError(
             f"{role} must hold finite values in [-1, 1] like the teacher's data, got values in "

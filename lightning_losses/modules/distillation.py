@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -43,7 +43,11 @@ from torch import Tensor, nn
 from lightning_losses.checks import check_float, check_int, check_positive_int, describe
 from lightning_losses.diffusion import Denoiser, split_real_batch, trusted_sigmas
 from lightning_losses.diffusion.batches import RealBatch
-from lightning_losses.diffusion.checks import check_diffusion_images
+from lightning_losses.diffusion.checks import (
+    check_diffusion_images,
+    check_diffusion_range,
+    diffusion_image_extremes,
+)
 from lightning_losses.diffusion.loading import refuse_overwrite
 from lightning_losses.modules._hparams import save_config_hyperparameters
 from lightning_losses.modules._manual import ManualSteps
@@ -247,6 +251,9 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
         self.log_grad_norm_every = int(log_grad_norm_every)
         self.automatic_optimization = False
         self._warned: set[str] = set()
+        # Value checks queued during a training step, read at once (see defer_check).
+        self._pending_checks: list[tuple[Tensor, Callable[[list[float]], None]]] = []
+        self._deferring = False
 
     def build_networks(self) -> None:
         """Build a subclass's further networks (called before the supplementary losses bind)."""
@@ -450,16 +457,58 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
             self._warned.add(key)
             rank_zero_warn(message)
 
-    def check_real_images(self, images: Tensor) -> None:
+    def check_real_images(self, images: Tensor, defer: bool = False) -> None:
         """Raise ValueError unless ``images`` fit the teacher's shape and hold finite values in
-        [-1, 1] (one host read)."""
+        [-1, 1] (one host read; with ``defer``, the value check joins :meth:`read_checks`)."""
         channels, height, width = self.image_shape
-        if check_diffusion_images(images, channels, (height, width), "real images"):
+        if not defer:
+            looks_unit = check_diffusion_images(images, channels, (height, width), "real images")
+            self._warn_if_unit(looks_unit)
+            return
+        extremes = diffusion_image_extremes(images, channels, (height, width), "real images")
+
+        def verdict(values: list[float]) -> None:
+            self._warn_if_unit(check_diffusion_range(*values, "real images"))
+
+        self.defer_check(extremes, verdict)
+
+    def _warn_if_unit(self, looks_unit: bool) -> None:
+        if looks_unit:
             self.warn_once(
                 "range",
                 "a real batch lies in [0, 1], which looks like [0, 1] data; the teacher "
                 'expects [-1, 1] (normalize="symmetric")',
             )
+
+    @property
+    def defers_checks(self) -> bool:
+        """Whether value checks may be queued now (inside :meth:`train_step`)."""
+        return self._deferring
+
+    def defer_check(self, values: Tensor, verdict: Callable[[list[float]], None]) -> None:
+        """Queue a value check for the training step's ONE host read (:meth:`read_checks`,
+        before its first optimizer update): ``values`` a tensor, not read here; ``verdict``
+        gets them as floats and raises or warns. Outside :meth:`train_step` it is read now."""
+        self._pending_checks.append((values.detach().float().reshape(-1), verdict))
+        if not self._deferring:
+            self.read_checks()
+
+    def read_checks(self) -> None:
+        """Read every queued check in one device-to-host copy; give each its verdict, in the
+        order they were queued (the real batch's first)."""
+        pending, self._pending_checks = self._pending_checks, []
+        if not pending:
+            return
+        values = torch.cat([v for v, _ in pending]).tolist()
+        start = 0
+        for tensor, verdict in pending:
+            verdict(values[start : start + tensor.numel()])
+            start += tensor.numel()
+
+    def optimizer_step(self, optimizer: Any, loss: Tensor, clip: float | None) -> None:
+        """:meth:`read_checks` first (no update on unchecked data), then the update."""
+        self.read_checks()
+        super().optimizer_step(optimizer, loss, clip)
 
     # --------------------------------------------------------------------------------------
     # Training
@@ -500,11 +549,22 @@ class OneStepDistillation(SeededNoise, ManualSteps, L.LightningModule):
         """One training step (the schedule in the class docstring); returns the logs.
 
         Callable without a Trainer (benchmarks, notebooks): optimizers from
-        :meth:`configure_optimizers`, plain backward and clipping.
+        :meth:`configure_optimizers`, plain backward and clipping. The value checks of the
+        step (the real batch's range, EL's finiteness) are read at once, before its first
+        update: one host read.
         """
+        self._pending_checks, self._deferring = [], True
+        try:
+            logs = self._train_step(batch)
+            self.read_checks()
+        finally:
+            self._pending_checks, self._deferring = [], False
+        return logs
+
+    def _train_step(self, batch: Any) -> dict[str, Tensor]:
         real = split_real_batch(batch)
         if real.images is not None:
-            self.check_real_images(real.images)
+            self.check_real_images(real.images, defer=True)
         elif self.needs_real_images:
             raise ValueError(self._missing_real_message() + f"; got {describe(batch)}")
         smallest = max((t.min_real_batch for t in self.supplementary_losses), default=1)

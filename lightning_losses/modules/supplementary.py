@@ -152,7 +152,18 @@ class EmbeddingSupplement(SupplementaryLoss):
         real_labels: Tensor | None = None,
         module: Any = None,
     ) -> Tensor:
-        out = self.embedding_loss(x, real, class_labels, real_labels)
+        loss = self.embedding_loss
+        if getattr(module, "defers_checks", False) and hasattr(loss, "unchecked"):
+            # EL's finiteness flag joins the training step's one host read.
+            output, ok = loss.unchecked(x, real, class_labels, real_labels)
+
+            def verdict(values: list[float]) -> None:
+                if not values[0]:
+                    loss.raise_for(x, real, output)
+
+            module.defer_check(ok, verdict)
+            return output.loss
+        out = loss(x, real, class_labels, real_labels)
         return out if isinstance(out, Tensor) else out.loss
 
 

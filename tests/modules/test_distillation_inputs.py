@@ -166,3 +166,63 @@ def test_a_training_step_without_el_reads_one_value_back_to_the_host(cls, monkey
         reads.clear()
         model.train_step(batch)
         assert len(reads) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# 7. A training step's value checks (the real batch's range, EL's finiteness): one host read,
+# before any update.
+
+
+def _batch(nan_at: int | None = None) -> list[Tensor]:
+    return next(iter(Images(num=8, batch_size=4, nan_at=nan_at).train_dataloader()))
+
+
+def _count_tolist(monkeypatch) -> list[int]:
+    reads: list[int] = []
+    original = Tensor.tolist
+    monkeypatch.setattr(Tensor, "tolist", lambda t: reads.append(1) or original(t))
+    return reads
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (DMDDistillation, {"fake_updates_per_generator": 2}),
+        (DiffInstructDistillation, {}),
+        (ConsistencyDistillation, {}),
+    ],
+)
+def test_a_step_with_el_reads_its_checks_once(cls, kwargs, monkeypatch):
+    L.seed_everything(0)
+    model = cls(teacher=tiny_teacher(), el_weight=0.5, **kwargs)
+    batch = _batch()
+    reads = _count_tolist(monkeypatch)
+    for _ in range(4):  # DMD: fake-only and generator steps in turn
+        reads.clear()
+        logs = model.train_step(batch)
+        assert len(reads) == 1, logs.keys()
+    assert int(model.generator_steps) >= 2
+    assert math.isfinite(float(logs["train/loss_el"]))
+    # Outside a training step a queued check is read at once, as before.
+    with pytest.raises(ValueError, match="real images must hold finite values"):
+        model.check_real_images(_batch(nan_at=1)[0], defer=True)
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_deferred_checks_raise_their_errors_before_any_update(monkeypatch):
+    L.seed_everything(0)
+    model = DMDDistillation(teacher=tiny_teacher(), el_weight=0.5, fake_updates_per_generator=1)
+    before = _parameters(model)
+    with pytest.raises(ValueError, match="real images must hold finite values"):
+        model.train_step(_batch(nan_at=1))
+    # An infinite generator output: EL's own error (the real batch passed), no update either.
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda z, labels=None: generate(z, labels) * math.inf)
+    with pytest.raises(ValueError, match="generated"):
+        model.train_step(_batch())
+    after = _parameters(model)
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    assert int(model.generator_steps) == 0 and model._pending_checks == []
